@@ -1,0 +1,42 @@
+# make demo: the main job on the embedded corpus, end to end (creates .venv on first use).
+# make test: the test suite (same setup). CI runs `bash .ci/run`, which calls `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: demo test test-fast bench clean-runs venv
+
+venv: $(STAMP)
+
+# torch first, pinned: pip takes the local CPU build; a range would pull a multi-GB CUDA build.
+$(STAMP): requirements.txt setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/q0ds demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/overheads.py
+	$(BIN)/python benchmarks/prior_fit.py
+	$(BIN)/python benchmarks/data_efficiency.py
+
+clean-runs:
+	rm -rf runs

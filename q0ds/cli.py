@@ -1,0 +1,242 @@
+"""`q0ds` console script. Subcommands:
+
+    q0ds prepare --embedded --out data/embedded            tokenise a corpus (or --input PATH)
+    q0ds init-config --preset tiny --data DATA --run RUN --out CONFIG.json [key=value ...]
+    q0ds train --config CONFIG --base 0 [key=value ...]    one base, 1 process on CPU (no launcher)
+    q0ds run --config CONFIG                               all bases, then prior, eval and report
+    q0ds fit-prior --run RUN | eval --run RUN [--k 1,2,4] | report --run RUN
+    q0ds generate --run RUN --k 4 --prompt TEXT
+    q0ds plan --epochs 64 | plan --memory --model 1.8b --gpus 8
+    q0ds demo [--out runs/demo]
+    q0ds config-get --config CONFIG KEY                    print a resolved config value (SLURM scripts)
+
+User errors (missing files, bad config, corrupt snapshots...) print one clear line and exit 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _user_errors():
+    from .config import ConfigError
+    from .data import DataError
+    from .model import ModelError
+    from .snapshot import SnapshotError
+    from .trainer import NonFiniteLoss, ResumeError
+    errs = [ConfigError, DataError, ModelError, SnapshotError, ResumeError, NonFiniteLoss, FileNotFoundError]
+    try:
+        from .prior import PriorError
+        errs.append(PriorError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def cmd_prepare(a):
+    from .data import prepare
+    meta = prepare(a.out, input=a.input, embedded=a.embedded, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
+                   fitness_tokens=a.fitness_tokens, val_tokens=a.val_tokens, max_train_tokens=a.max_train_tokens,
+                   seed=a.seed, text_field=a.text_field)
+    print(json.dumps({k: meta[k] for k in ("vocab_size", "n_tokens", "n_docs") if k in meta}))
+    return 0
+
+
+def cmd_init_config(a):
+    from .config import load_config, save_config
+    from .presets import preset_config
+    cfg = load_config(None, a.overrides, base=preset_config(a.preset, data=a.data, run_dir=a.run))
+    save_config(cfg, a.out)
+    print(a.out)
+    return 0
+
+
+def cmd_train(a):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from .config import load_config
+    from .trainer import train_base
+    return train_base(load_config(a.config, a.overrides), a.base)
+
+
+def cmd_config_get(a):
+    from .config import get_key, load_config
+    v = get_key(load_config(a.config, a.overrides), a.key)
+    print(json.dumps(v) if not isinstance(v, str) else v)
+    return 0
+
+
+def cmd_fit_prior(a):
+    from .population import fit_prior_run
+    fit_prior_run(a.run, steps=a.steps, lr=a.lr)
+    return 0
+
+
+def cmd_eval(a):
+    from .population import eval_run
+    eval_run(a.run, ks=[int(k) for k in a.k.split(",")] if a.k else None)
+    return 0
+
+
+def cmd_report(a):
+    from .report import write_report
+    print(write_report(a.run))
+    return 0
+
+
+def cmd_generate(a):
+    from .ensemble import MixtureLM
+    lm = MixtureLM.from_run(a.run, k=a.k)
+    print(lm.generate(a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed))
+    return 0
+
+
+def cmd_run(a):
+    from .runner import run_all
+    return run_all(a.config, a.overrides, parallel=a.parallel, ranks=a.ranks)
+
+
+def cmd_demo(a):
+    from .demo import demo
+    return demo(a.out, quick=a.quick)
+
+
+def cmd_plan(a):
+    from . import plan
+    if a.memory:
+        print(plan.format_memory_plan(plan.memory_plan(model=a.model, gpus=a.gpus, micro_batch=a.micro_batch,
+                                                       seq_len=a.seq_len, optimizer=a.optimizer)))
+        return 0
+    alloc = plan.plan_budget(a.epochs, nodes=a.nodes)
+    print(json.dumps(alloc.to_dict() if hasattr(alloc, "to_dict") else alloc.__dict__, indent=2, default=str))
+    if a.plot:
+        plan.plot_allocation(alloc, a.plot)
+        print(f"plot: {a.plot}")
+    return 0
+
+
+def cmd_lm_eval(a):
+    from .lm_eval_adapter import run_lm_eval
+    print(json.dumps(run_lm_eval(a.run, k=a.k, tasks=a.tasks.split(","), include_path=a.include_path,
+                                 limit=a.limit, output=a.output), indent=2))
+    return 0
+
+
+def cmd_distill_ensemble(a):
+    from .ensemble_distill import distill_ensemble
+    return distill_ensemble(a.run, k=a.k, overrides=a.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="q0ds", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("prepare", help="tokenise a corpus into a prepared data dir")
+    s.add_argument("--input", help="text/JSONL/Parquet file or directory")
+    s.add_argument("--embedded", action="store_true", help="use the built-in corpus (CPython's docs topics)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--tokenizer", help="local HF tokenizer dir; default: train a byte-level BPE")
+    s.add_argument("--vocab-size", type=int, default=2048)
+    s.add_argument("--fitness-tokens", type=int, default=6000)
+    s.add_argument("--val-tokens", type=int, default=12000)
+    s.add_argument("--max-train-tokens", type=int, default=None)
+    s.add_argument("--text-field", default="text")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("init-config", help="write a complete run config from a preset")
+    s.add_argument("--preset", default="tiny", help="tiny | small | demo | 1.8b")
+    s.add_argument("--data", required=True)
+    s.add_argument("--run", required=True, help="run dir")
+    s.add_argument("--out", required=True)
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_init_config)
+
+    for name, fn, hlp in (("train", cmd_train, "train one base in this process (CPU, no launcher)"),
+                          ("config-get", cmd_config_get, "print one resolved config value")):
+        s = sub.add_parser(name, help=hlp)
+        s.add_argument("--config", required=True)
+        if name == "train":
+            s.add_argument("--base", type=int, default=0)
+        else:
+            s.add_argument("key")
+        s.add_argument("overrides", nargs="*")
+        s.set_defaults(fn=fn)
+
+    s = sub.add_parser("run", help="all bases on this machine, then prior, eval, report")
+    s.add_argument("--config", required=True)
+    s.add_argument("--parallel", type=int, default=1, help="bases trained side by side")
+    s.add_argument("--ranks", type=int, default=1, help="DeepSpeed ranks per base")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("fit-prior", help="fit the learned prior from stored fitness scores")
+    s.add_argument("--run", required=True)
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--lr", type=float, default=0.5)
+    s.set_defaults(fn=cmd_fit_prior)
+
+    s = sub.add_parser("eval", help="validation loss of the top-K mixtures")
+    s.add_argument("--run", required=True)
+    s.add_argument("--k", default=None, help="comma-separated K values (default 1,2,4,...,M)")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("report", help="report.md, report.json and plots")
+    s.add_argument("--run", required=True)
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("generate", help="sample from the top-K mixture")
+    s.add_argument("--run", required=True)
+    s.add_argument("--k", type=int, default=4)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=40)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("plan", help="budget planner, or GPU memory plan with --memory")
+    s.add_argument("--epochs", type=float, default=64)
+    s.add_argument("--nodes", type=int, default=None)
+    s.add_argument("--plot", default=None)
+    s.add_argument("--memory", action="store_true")
+    s.add_argument("--model", default="1.8b")
+    s.add_argument("--gpus", type=int, default=8)
+    s.add_argument("--micro-batch", type=int, default=4)
+    s.add_argument("--seq-len", type=int, default=2048)
+    s.add_argument("--optimizer", default="adamw")
+    s.set_defaults(fn=cmd_plan)
+
+    s = sub.add_parser("lm-eval", help="downstream tasks with lm-evaluation-harness on the top-K mixture")
+    s.add_argument("--run", required=True)
+    s.add_argument("--k", type=int, default=4)
+    s.add_argument("--tasks", required=True)
+    s.add_argument("--include-path", default=None)
+    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--output", default=None)
+    s.set_defaults(fn=cmd_lm_eval)
+
+    s = sub.add_parser("distill-ensemble", help="distil the top-K mixture into one model")
+    s.add_argument("--run", required=True)
+    s.add_argument("--k", type=int, default=4)
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_distill_ensemble)
+
+    s = sub.add_parser("demo", help="the main job on the embedded corpus, end to end")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--quick", action="store_true", help="smaller budget (CI smoke)")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except _user_errors() as e:
+        print(f"q0ds {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

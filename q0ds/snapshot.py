@@ -1,0 +1,165 @@
+"""Snapshots: immutable population members written as plain HF model dirs, plus their scores.
+
+    runs/<run>/bases/base-XX/snapshots/cycle-XXXX/
+        config.json  model.safetensors  tokenizer files   (AutoModelForCausalLM.from_pretrained loads it)
+        snapshot.json       provenance + val loss + sha256 of the weights
+        fitness.safetensors per-token p(true next token) on the fitness set  {"p": float32 [N]}
+        val.safetensors     the same on the validation set (ensemble evaluation reads it, never the model)
+
+The weights are written first, atomically (temp dir + rename); scores are added after, each file atomically,
+and snapshot.json says `"scored": true` only when they are all there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import atomic_write_text
+
+
+class SnapshotError(ValueError):
+    pass
+
+
+def sha256_file(path, chunk=1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def snapshot_dir(base_dir, cycle: int) -> Path:
+    return Path(base_dir) / "snapshots" / f"cycle-{cycle:04d}"
+
+
+def write_snapshot(out_dir, state_dict, model_config, tokenizer_dir, meta: dict) -> dict:
+    """Rank 0 only. Write weights + config + tokenizer + snapshot.json into a temp dir, then rename into place.
+    An existing dir for the same cycle (a re-run after resume) is replaced."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        seen, tensors = set(), {}
+        for k, v in state_dict.items():              # tied weights share storage: keep the first name
+            if v.data_ptr() in seen:
+                continue
+            seen.add(v.data_ptr())
+            tensors[k] = v.detach().contiguous().cpu()
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        model_config.save_pretrained(tmp)
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        meta = dict(meta, sha256=sha256_file(tmp / "model.safetensors"), scored=False)
+        atomic_write_text(tmp / "snapshot.json", json.dumps(meta, indent=2))
+        if out_dir.exists():
+            old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def write_scores(out_dir, scores: dict, updates: dict) -> dict:
+    """Rank 0 only: store per-token probabilities ({"fitness": T, "val": T}) and mark the snapshot scored."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    for name, p in scores.items():
+        tmp = out_dir / f".{name}.safetensors.tmp"
+        save_file({"p": p.float().contiguous()}, tmp)
+        os.replace(tmp, out_dir / f"{name}.safetensors")
+    meta = read_meta(out_dir)
+    meta.update(updates, scored=True)
+    meta.update({f"{k}_sha256": sha256_file(out_dir / f"{k}.safetensors") for k in scores})
+    atomic_write_text(out_dir / "snapshot.json", json.dumps(meta, indent=2))
+    return meta
+
+
+def read_meta(snap_dir) -> dict:
+    p = Path(snap_dir) / "snapshot.json"
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise SnapshotError(f"{p} is missing: {snap_dir} is not a complete snapshot") from None
+    except json.JSONDecodeError as e:
+        raise SnapshotError(f"{p} is corrupt ({e}); delete the snapshot dir and re-run its cycle") from None
+
+
+def verify(snap_dir) -> dict:
+    """Check the weights' sha256 against snapshot.json (corrupt or tampered files are refused)."""
+    meta = read_meta(snap_dir)
+    weights = Path(snap_dir) / "model.safetensors"
+    if not weights.is_file():
+        raise SnapshotError(f"{weights} is missing; the snapshot is incomplete")
+    digest = sha256_file(weights)
+    if digest != meta.get("sha256"):
+        raise SnapshotError(f"{weights} is corrupt: sha256 {digest[:12]}... does not match snapshot.json "
+                            f"({str(meta.get('sha256'))[:12]}...); delete {snap_dir} and re-run that cycle "
+                            "(relaunching the base re-creates it from its checkpoints) or exclude it")
+    return meta
+
+
+def load_scores(snap_dir, name: str, check_hash: bool = True) -> torch.Tensor:
+    from safetensors.torch import load_file
+    meta = read_meta(snap_dir)
+    path = Path(snap_dir) / f"{name}.safetensors"
+    if not path.is_file():
+        raise SnapshotError(f"{path} is missing: snapshot {snap_dir} was not scored on the {name} set")
+    if check_hash and meta.get(f"{name}_sha256") not in (None, sha256_file(path)):
+        raise SnapshotError(f"{path} is corrupt (sha256 mismatch with snapshot.json); delete it to re-score")
+    return load_file(path)["p"]
+
+
+def list_snapshots(run_dir, scored_only: bool = True) -> list[Path]:
+    """Complete snapshot dirs of every base of a run, ordered by (base, cycle). Temp dirs are never listed."""
+    out = []
+    for d in sorted(Path(run_dir).glob("bases/base-*/snapshots/cycle-*")):
+        if not (d / "snapshot.json").is_file():
+            continue
+        if scored_only and not read_meta(d).get("scored"):
+            continue
+        out.append(d)
+    return out
+
+
+def member_id(snap_dir) -> str:
+    d = Path(snap_dir)
+    return f"{d.parent.parent.name}/{d.name}"
+
+
+# ---------------------------------------------------------------- scoring
+@torch.no_grad()
+def token_logprobs(model, windows, mask, batch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """log p(true next token) at every masked position of `windows` ([n, seq+1]), in order, on every rank.
+    Windows are sharded over ranks; every rank runs the same number of forwards (ZeRO-3 gathers
+    parameters collectively, so an idle rank would hang the others), padding with repeats."""
+    n, seq = windows.shape[0], windows.shape[1] - 1
+    per = math.ceil(n / world)
+    mine = list(range(rank * per, min(n, (rank + 1) * per)))
+    out = torch.zeros(per, seq, dtype=torch.float32)
+    device = next(iter(model.parameters())).device
+    for start in range(0, per, batch):
+        idx = [mine[i] if i < len(mine) else 0 for i in range(start, min(per, start + batch))]
+        w = windows[idx].to(device)
+        logits = model(input_ids=w[:, :-1]).logits.float()
+        lp = torch.log_softmax(logits, -1).gather(-1, w[:, 1:, None]).squeeze(-1)
+        out[start:start + len(idx)] = lp.cpu()
+    if world > 1:
+        parts = [torch.zeros_like(out) for _ in range(world)]
+        torch.distributed.all_gather(parts, out)
+        out = torch.cat(parts)
+    return out[:n][mask]
