@@ -47,6 +47,7 @@ class TrainConfig:
     keep_ckpts: int = 2
     nan_policy: str = "stop"      # stop | skip
     threads: int = 0              # torch threads per rank on CPU; 0 = cores / local ranks
+    verify_teacher: bool = False  # after each teacher refresh, gather it and log its max diff to the snapshot
 
     def check(self):
         for name in ("seq_len", "micro_batch", "global_batch", "log_every", "ckpt_every", "keep_ckpts"):

@@ -26,7 +26,10 @@ Tokenizer: a local Hugging Face tokenizer dir, or a byte-level BPE trained here 
 only. Its token counts are not known before it exists, so the held-out documents are first reserved by
 size (_BYTES_PER_TOKEN bytes per requested token), the BPE is trained on the rest, and the exact split is
 then made by tokens inside that reserve (reserved documents left over go to train); if the reserve was
-too small it is enlarged and the BPE retrained. The tokenizer never sees a fitness or validation document.
+too small it is enlarged and the BPE retrained. The tokenizer never sees a fitness or validation document
+(it does see train documents later dropped by max_train_tokens).
+With a given tokenizer, vocab_size is unused and the split is exact. prepare holds the corpus in memory
+(text and uint32 ids); shard corpora larger than RAM.
 """
 import hashlib
 import json
@@ -58,6 +61,8 @@ def prepare(out_dir, input=None, embedded=False, tokenizer=None, vocab_size=2048
     _check_target(out)
     if fitness_tokens < 1 or val_tokens < 1:
         raise DataError(f"fitness_tokens ({fitness_tokens}) and val_tokens ({val_tokens}) must be >= 1")
+    if tokenizer is None and vocab_size < 258:
+        raise DataError(f"vocab_size {vocab_size} is below the 256 byte symbols + 2 special tokens")
     if embedded == (input is not None):
         raise DataError("pass exactly one of --input PATH or --embedded")
     if embedded:
@@ -92,6 +97,8 @@ def prepare(out_dir, input=None, embedded=False, tokenizer=None, vocab_size=2048
     splits = {name: bounds[i:i + 2] for i, name in enumerate(("fitness", "val", "train"))}
     n_tokens = {name: int(sum(len(a) for a in ids[a:b])) for name, (a, b) in splits.items()}
     vocab = len(tok)
+    if max(int(a.max()) for a in ids) >= vocab:
+        raise DataError(f"tokenizer {tokenizer} produced ids >= its length {vocab}; use a consistent tokenizer")
     dtype = np.dtype(np.uint16 if vocab <= 65535 else np.uint32)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # padding is always masked
 
@@ -104,7 +111,7 @@ def prepare(out_dir, input=None, embedded=False, tokenizer=None, vocab_size=2048
         np.save(tmp / "docs.npy", np.cumsum([0] + [len(a) for a in ids], dtype=np.int64))
         meta = {"format": FORMAT, "vocab_size": vocab, "eos_id": tok.eos_token_id, "pad_id": pad_id,
                 "dtype": dtype.name, "n_docs": len(ids), "splits": splits, "n_tokens": n_tokens,
-                "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else f"byte-level BPE trained here, vocab_size={vocab_size}",
+                "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else f"byte-level BPE, vocab_size={vocab_size}",
                 "tokenizer_fingerprint": _tokenizer_fingerprint(tmp / "tokenizer"),
                 "data_fingerprint": _data_fingerprint(tmp, dtype.name, splits), "source": source, "seed": seed,
                 "args": {"fitness_tokens": fitness_tokens, "val_tokens": val_tokens,
@@ -120,8 +127,8 @@ def prepare(out_dir, input=None, embedded=False, tokenizer=None, vocab_size=2048
 
 
 def _check_target(out: Path) -> None:
-    """Refuse early (before any work) to overwrite a directory that is not a previous prepare output."""
-    if out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():
+    """Refuse early (before any work) to overwrite anything but a previous prepare output or an empty dir."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / "meta.json").exists()):
         raise DataError(f"{out} exists and is not a prepared data dir; choose another --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -178,10 +185,11 @@ def _read_documents(path: Path, text_field: str):
 
 
 def _load_tokenizer(path):
+    """A local Hugging Face tokenizer dir (never downloaded), as DataError if it cannot be loaded."""
     from transformers import AutoTokenizer
     path = Path(path)
     if not path.is_dir():
-        raise DataError(f"tokenizer {path} is not a directory: pass a local Hugging Face tokenizer dir (nothing is downloaded)")
+        raise DataError(f"tokenizer {path} is not a directory: pass a local Hugging Face tokenizer dir")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
@@ -194,8 +202,6 @@ def _load_tokenizer(path):
 def _train_bpe(docs, vocab_size):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    if vocab_size < 258:
-        raise DataError(f"vocab_size {vocab_size} is below the 256 byte symbols + 2 special tokens")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -229,7 +235,8 @@ def _encode(tok, docs, batch=256):
     """Token ids per document (no special tokens added), as uint32 arrays, with a progress bar."""
     backend = getattr(tok, "backend_tokenizer", None)  # the raw `tokenizers` object: no max-length warnings
     out = []
-    with tqdm(total=len(docs), desc="tokenize", unit="doc", disable=len(docs) < 2 * batch) as bar:
+    quiet = len(docs) < 2 * batch or os.environ.get("Q0DS_NO_PROGRESS") == "1"
+    with tqdm(total=len(docs), desc="tokenize", unit="doc", disable=quiet) as bar:
         for i in range(0, len(docs), batch):
             chunk = docs[i:i + batch]
             ids = ([e.ids for e in backend.encode_batch(chunk, add_special_tokens=False)] if backend is not None
@@ -276,6 +283,10 @@ def _data_fingerprint(data_dir: Path, dtype: str, splits: dict) -> str:
 
 # ---------------------------------------------------------------- reading
 
+def _rerun(path) -> str:
+    return f"run `q0ds prepare --out {path} ...` (again)"
+
+
 class PreparedData:
     """A prepared data dir, opened read-only (tokens are memory-mapped, so many processes can share it)."""
 
@@ -291,16 +302,19 @@ class PreparedData:
     @classmethod
     def open(cls, path) -> "PreparedData":
         path = Path(path)
-        hint = f"run `q0ds prepare --out {path} ...` first"
+        hint = _rerun(path)
         if not path.is_dir():
             raise DataError(f"prepared data dir {path} does not exist: {hint}")
         for name in ("meta.json", "tokens.bin", "docs.npy", "tokenizer"):
             if not (path / name).exists():
                 raise DataError(f"{path / name} is missing: {hint}")
-        meta = json.loads((path / "meta.json").read_text())
-        if meta.get("format") != FORMAT:
-            raise DataError(f"{path / 'meta.json'}: format {meta.get('format')}, this q0ds reads format {FORMAT}: "
-                            f"run `q0ds prepare --out {path} ...` again")
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            format_ok = meta["format"] == FORMAT and {"fitness", "val", "train"} <= set(meta["splits"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path / 'meta.json'} is unreadable ({e!r}): {hint}") from e
+        if not format_ok:
+            raise DataError(f"{path / 'meta.json'}: format {meta['format']}, this q0ds reads format {FORMAT}: {hint}")
         dtype = np.dtype(meta["dtype"])
         offsets = np.load(path / "docs.npy")
         n_bytes = (path / "tokens.bin").stat().st_size
@@ -313,27 +327,24 @@ class PreparedData:
         return cls(path, meta, np.memmap(path / "tokens.bin", dtype=dtype, mode="r"), offsets)
 
     def verify(self) -> None:
-        """Recompute the fingerprints (reads every byte; for checks after copying, not every start)."""
-        if _data_fingerprint(self.path, self.meta["dtype"], self.meta["splits"]) != self.fingerprint:
-            raise DataError(f"corrupt prepared data in {self.path}: tokens.bin/docs.npy do not match "
-                            f"data_fingerprint in meta.json; run `q0ds prepare --out {self.path} ...` again")
-        if _tokenizer_fingerprint(self.tokenizer_dir) != self.meta["tokenizer_fingerprint"]:
-            raise DataError(f"corrupt prepared data in {self.path}: {self.tokenizer_dir} does not match "
-                            f"tokenizer_fingerprint in meta.json; run `q0ds prepare --out {self.path} ...` again")
+        """Recompute both fingerprints (reads every byte: for checks after a copy, not at every start)."""
+        now = {"data_fingerprint": _data_fingerprint(self.path, self.meta["dtype"], self.meta["splits"]),
+               "tokenizer_fingerprint": _tokenizer_fingerprint(self.tokenizer_dir)}
+        bad = [key for key, value in now.items() if value != self.meta[key]]
+        if bad:
+            raise DataError(f"corrupt prepared data in {self.path}: files do not match {' and '.join(bad)} in "
+                            f"meta.json; {_rerun(self.path)}")
 
     def load_tokenizer(self):
         """The tokenizer the tokens were made with, checked against meta.json."""
-        from transformers import AutoTokenizer
-        try:
-            tok = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
-        except Exception as e:
-            raise DataError(f"could not load the tokenizer in {self.tokenizer_dir}: {e}") from e
+        tok = _load_tokenizer(self.tokenizer_dir)
         if len(tok) != self.vocab_size:
             raise DataError(f"tokenizer vocab mismatch: {self.tokenizer_dir} has {len(tok)} tokens but the data was "
-                            f"prepared with {self.vocab_size}; run `q0ds prepare --out {self.path} ...` again")
-        if _tokenizer_fingerprint(self.tokenizer_dir) != self.meta["tokenizer_fingerprint"]:
+                            f"prepared with {self.vocab_size}; {_rerun(self.path)}")
+        if (_tokenizer_fingerprint(self.tokenizer_dir) != self.meta["tokenizer_fingerprint"]
+                or tok.eos_token_id != self.eos_id):
             raise DataError(f"tokenizer fingerprint mismatch: {self.tokenizer_dir} is not the tokenizer the data was "
-                            f"prepared with; run `q0ds prepare --out {self.path} ...` again")
+                            f"prepared with; {_rerun(self.path)}")
         return tok
 
     def _docs(self, split: str) -> range:

@@ -15,6 +15,7 @@ import torch
 from .config import ConfigError
 from .model import param_group_name
 
+ROOT = Path(__file__).resolve().parent.parent
 MANAGED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
 
 
@@ -68,6 +69,8 @@ def finish():
 def load_ds_config(path) -> dict:
     import hjson
     p = Path(path)
+    if not p.is_file() and not p.is_absolute() and (ROOT / p).is_file():
+        p = ROOT / p                 # a shipped config, wherever the command runs from
     if not p.is_file():
         raise ConfigError(f"DeepSpeed config {p} not found (run config key `ds_config`); see ds_configs/")
     try:
@@ -211,6 +214,17 @@ def load_weights_inplace(engine, state_dict):
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             if r == 0:
                 p.data.copy_(state_dict[name].to(p.dtype))
+
+
+def max_weight_diff(engine, state_dict) -> float:
+    """Max |engine weight - state_dict weight| over all parameters (collective gather; rank 0 computes)."""
+    import deepspeed
+    worst = 0.0
+    for name, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            if rank() == 0:
+                worst = max(worst, (p.data.float().cpu() - state_dict[name].float().cpu()).abs().max().item())
+    return worst
 
 
 def perturb_(engine, scale: float, seed: int) -> float:

@@ -8,8 +8,8 @@ decay, 300 steps, grad-norm clip 1.0, init near 0).
 Speed. Fitting 480 members on 132k tokens is a few hundred passes over a 250 MB matrix, so the fit is
 memory-bound. We never call autograd on the [M, N] matrix; the gradient is analytic:
     m_t = sum_i w_i P_it,   L = -mean_t log m_t,   dL/da_i = w_i - mean_t (w_i P_it / m_t)
-(the last term is the mean "responsibility" of member i). Each step is two matrix-vector products over
-column blocks small enough for the second product to hit cache, with one block range per CPU thread.
+(the last term is the mean "responsibility" of member i). Each step is two matrix-vector products per
+block of 4096 tokens (the second one reads the block from cache), one range of blocks per CPU thread.
 Stability: we store Q = P / max_i P[:, t] (per-token rescaling, exact: log m_t = log(w.Q_t) + log max_t),
 so Q has a 1 in every column and nothing underflows however small the probabilities are.
 
@@ -47,60 +47,69 @@ class PriorFit:
 
 
 class _Scaled:
-    """Q = P / max_i P (per token), as float32 [M, N], plus the fixed pieces of the NLL."""
+    """Q = P / max_i P (per token) as contiguous float32 blocks, plus the fixed pieces of the NLL.
 
-    def __init__(self, P: torch.Tensor, workers: int = 1):
+    Work is split into one contiguous range of token blocks per thread of `pool` (if given).
+    MKL's gemv runs ~2x faster on a contiguous [M, 4096] block than on a strided slice of [M, N].
+    """
+
+    def __init__(self, P: torch.Tensor, pool: ThreadPoolExecutor | None = None, workers: int = 1):
         if P.dim() != 2 or P.shape[0] < 1 or P.shape[1] < 1:
             raise ValueError(f"P must be a [members, tokens] matrix, got shape {tuple(P.shape)}")
-        P = P.detach().to("cpu", torch.float32)
-        if not bool(torch.isfinite(P).all()) or bool((P < 0).any()):
-            raise ValueError("P must hold finite, non-negative probabilities p_i(y_t)")
-        M, N = P.shape
-        self.M, self.N = M, N
-        self.Q = torch.empty_like(P)
-        logc = torch.empty(N, dtype=torch.float32)
-        self.single_sum = torch.zeros(M, dtype=torch.float64)     # sum_t log p_i(y_t)
-        for j in range(0, N, _BLOCK):
-            lp = P[:, j:j + _BLOCK].clamp_min(_TINY).log_()
-            self.single_sum += lp.sum(1, dtype=torch.float64)
-            logc[j:j + _BLOCK] = lp.amax(0)
-            self.Q[:, j:j + _BLOCK] = lp.sub_(logc[j:j + _BLOCK]).exp_()
-        self.logc_sum = float(logc.sum(dtype=torch.float64))
-        w = max(1, min(workers, N // _BLOCK))
-        self.ranges = [(N * k // w, N * (k + 1) // w) for k in range(w)]
+        self.P, self.pool = P.detach().to("cpu", torch.float32), pool
+        self.M, self.N = P.shape
+        nb = -(-self.N // _BLOCK)
+        k = max(1, min(workers if pool else 1, nb))
+        self.ranges = [(nb * i // k, nb * (i + 1) // k) for i in range(k)]   # block ranges per thread
+        parts = self._map(self._prepare)
+        self.blocks = [b for p in parts for b in p[0]]
+        self.single_sum = sum(p[1] for p in parts)          # sum_t log p_i(y_t), float64 [M]
+        self.logc_sum = sum(p[2] for p in parts)            # sum_t log max_i p_i(y_t)
+        del self.P
+
+    def _map(self, fn, *args):
+        if self.pool is None or len(self.ranges) == 1:
+            return [fn(lo, hi, *args) for lo, hi in self.ranges]
+        futs = [self.pool.submit(fn, lo, hi, *args) for lo, hi in self.ranges]
+        return [f.result() for f in futs]
+
+    def _prepare(self, lo, hi):
+        blocks, single, logc_sum = [], torch.zeros(self.M, dtype=torch.float64), 0.0
+        for b in range(lo, hi):
+            raw = self.P[:, b * _BLOCK:(b + 1) * _BLOCK]
+            p = raw.clamp_min(_TINY)
+            if not bool(torch.isfinite(p).all()) or bool((raw < 0).any()):
+                raise ValueError("P must hold finite, non-negative probabilities p_i(y_t)")
+            c = p.amax(0)
+            single += p.log().sum(1).double()
+            logc_sum += float(c.log().sum(dtype=torch.float64))
+            blocks.append(p.div_(c))
+        return blocks, single, logc_sum
 
     def _part(self, lo, hi, w32, want_grad):
-        log_sum = torch.zeros((), dtype=torch.float64)
-        g = torch.zeros(self.M, dtype=torch.float32)
-        for j in range(lo, hi, _BLOCK):
-            blk = self.Q[:, j:min(j + _BLOCK, hi)]
+        log_sum, g = 0.0, torch.zeros(self.M, dtype=torch.float32)
+        for blk in self.blocks[lo:hi]:
             m = (w32 @ blk).clamp_min_(_TINY)
-            log_sum += m.log().sum(dtype=torch.float64)
+            log_sum += float(m.log().sum(dtype=torch.float64))
             if want_grad:
                 g.addmv_(blk, m.reciprocal_())
         return log_sum, g
 
-    def loss_grad(self, w: torch.Tensor, pool=None, want_grad=True):
+    def loss_grad(self, w: torch.Tensor, want_grad=True):
         """Float32 fast path: (NLL, dL/da) at weights w (float64 [M])."""
-        w32 = w.to(torch.float32)
-        if pool is None or len(self.ranges) == 1:
-            parts = [self._part(lo, hi, w32, want_grad) for lo, hi in self.ranges]
-        else:
-            futs = [pool.submit(self._part, lo, hi, w32, want_grad) for lo, hi in self.ranges]
-            parts = [f.result() for f in futs]
-        loss = -(float(sum(p[0] for p in parts)) + self.logc_sum) / self.N
+        parts = self._map(self._part, w.to(torch.float32), want_grad)
+        loss = -(sum(p[0] for p in parts) + self.logc_sum) / self.N
         if not want_grad:
             return loss, None
         g = sum(p[1].double() for p in parts) / self.N       # mean_t Q_it / m_t
         return loss, w - w * g
 
+    def _exact_part(self, lo, hi, w64):
+        return sum(float((w64 @ blk.double()).log().sum()) for blk in self.blocks[lo:hi])
+
     def exact_nll(self, w) -> float:
         """Mixture NLL accumulated in float64 (exact up to the float32 rounding of the inputs)."""
-        w64 = torch.as_tensor(w, dtype=torch.float64)
-        total = 0.0
-        for j in range(0, self.N, _BLOCK):
-            m = w64 @ self.Q[:, j:j + _BLOCK].double()
-            total += float(m.log().sum())
+        total = sum(self._map(self._exact_part, torch.as_tensor(w, dtype=torch.float64)))
         return -(total + self.logc_sum) / self.N
 
 
@@ -111,16 +120,15 @@ def fit_prior(P: torch.Tensor, steps: int = 300, lr: float = 0.5, clip: float = 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)             # we parallelise over token ranges ourselves
     try:
-        S = _Scaled(P, workers=threads)
-        with ThreadPoolExecutor(len(S.ranges)) as pool:
-            fit = _optimise(S, steps, lr, clip, init_std, seed, pool)
+        with ThreadPoolExecutor(threads) as pool:
+            fit = _optimise(_Scaled(P, pool, threads), steps, lr, clip, init_std, seed)
     finally:
         torch.set_num_threads(threads)
     fit.seconds = time.perf_counter() - t0
     return fit
 
 
-def _optimise(S: _Scaled, steps, lr, clip, init_std, seed, pool) -> PriorFit:
+def _optimise(S: _Scaled, steps, lr, clip, init_std, seed) -> PriorFit:
     M = S.M
     a = torch.zeros(M, dtype=torch.float64)
     if init_std > 0:
@@ -132,7 +140,7 @@ def _optimise(S: _Scaled, steps, lr, clip, init_std, seed, pool) -> PriorFit:
     for k in range(steps + 1):
         with torch.no_grad():
             w = torch.softmax(a, 0)
-            loss, grad = S.loss_grad(w, pool, want_grad=k < steps)
+            loss, grad = S.loss_grad(w, want_grad=k < steps)
         history.append(loss)
         if loss < best[0]:
             best = (loss, a.detach().clone(), k)

@@ -35,6 +35,14 @@ def sha256_file(path, chunk=1 << 20) -> str:
     return h.hexdigest()
 
 
+def windows_fingerprint(windows_and_mask) -> str:
+    """Identity of a scoring set (token windows + mask): members scored on different sets cannot be mixed."""
+    w, m = windows_and_mask
+    h = hashlib.sha256(w.to(torch.int64).numpy().tobytes())
+    h.update(m.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def snapshot_dir(base_dir, cycle: int) -> Path:
     return Path(base_dir) / "snapshots" / f"cycle-{cycle:04d}"
 

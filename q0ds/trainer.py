@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from .data import PreparedData
 from .distill import distill_loss
 from .model import build_config, build_model
 from .schedule import cycle_plan, multipliers, perturb_scale
-from .snapshot import snapshot_dir, token_logprobs, write_scores, write_snapshot
+from .snapshot import snapshot_dir, token_logprobs, windows_fingerprint, write_scores, write_snapshot
 
 EXIT_PREEMPTED = 75          # EX_TEMPFAIL: checkpoint written, relaunch to continue (SLURM requeue)
 COMPLETE = "q0ds_complete.json"
@@ -103,6 +104,7 @@ def _diff(a, b, prefix=""):
 class BaseTrainer:
     def __init__(self, cfg: RunConfig, base: int):
         self.cfg, self.base = cfg, base
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")
         self.rank, self.world, self.local_rank = E.setup_distributed()
         if not torch.cuda.is_available():
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
@@ -132,6 +134,7 @@ class BaseTrainer:
         self.teacher_cycle = None
         self.val = self.data.eval_windows("val", t.seq_len)
         self.fitness = self.data.eval_windows("fitness", t.seq_len) if cfg.eval.fitness else None
+        self.fitness_fingerprint = windows_fingerprint(self.fitness) if self.fitness else None
         self.signals = _Signals()
         self.step = 0
 
@@ -155,6 +158,8 @@ class BaseTrainer:
                 self._end_cycle(cyc)
             elif self.step % self.cfg.train.ckpt_every == 0:
                 self._checkpoint()
+            if self._fault("crash_at_step") == self.step and self.rank == 0:
+                os.kill(os.getpid(), signal.SIGKILL)                        # test-only: a hard crash, no cleanup
             if E.any_rank(self.signals.caught is not None or self._fault("preempt_at_step") == self.step):
                 self._checkpoint()
                 self._print(f"pre-empted ({self.signals.caught or 'test'}) at step {self.step}: checkpoint written, exit {EXIT_PREEMPTED}")
@@ -168,6 +173,7 @@ class BaseTrainer:
     def _train_step(self, cyc) -> dict:
         t, d = self.cfg.train, self.cfg.distill
         self.sched.sync(self.step)
+        lr_m, wd_m = self.sched.mults
         per_rank = cyc.batch // self.world
         n_micro = per_rank // t.micro_batch
         start = self.plan.sample_at(self.step) + self.rank * per_rank
@@ -196,7 +202,8 @@ class BaseTrainer:
         if self.world > 1:
             torch.distributed.all_reduce(sums)
         sums /= n_micro * self.world
-        return {"loss": sums[0].item(), "ce": sums[1].item(), "kl": sums[2].item(), "distilled": distilled}
+        return {"lr_mult": lr_m, "wd_mult": wd_m, "loss": sums[0].item(), "ce": sums[1].item(), "kl": sums[2].item(),
+                "distilled": distilled}
 
     # ------------------------------------------------------------ cycle end: the q0 event order
     def _end_cycle(self, cyc):
@@ -216,6 +223,9 @@ class BaseTrainer:
         if self.teacher is not None and self.cfg.distill.start_cycle <= nxt < len(self.plan.cycles):
             E.load_weights_inplace(self.teacher, state)                    # 3. teacher <- snapshot
             self.teacher_cycle = cyc.index
+            if self.cfg.train.verify_teacher:
+                diff = E.max_weight_diff(self.teacher, state)
+                self._log({"event": "teacher", "step": self.step, "cycle": cyc.index, "max_abs_diff": diff})
         del state
         p = self.cfg.perturb
         if p.enabled and nxt < len(self.plan.cycles):                      # 4. perturb the student
@@ -231,7 +241,7 @@ class BaseTrainer:
                 "lr_mult": lr_m, "wd_mult": wd_m, "distilled": self.teacher is not None and cyc.index >= self.cfg.distill.start_cycle,
                 "teacher": f"base-{self.base:02d}/cycle-{cyc.index - 1:04d}" if self.teacher_cycle is not None else None,
                 "seed": self.seed, "run_config": self.cfg.fingerprint(), "data": self.data.fingerprint,
-                "fitness_fingerprint": self.data.meta.get("data_fingerprint"), "dtype": str(self.model_config.dtype),
+                "fitness_fingerprint": self.fitness_fingerprint, "dtype": self.cfg.model.dtype,
                 "val_loss": None}
 
     def _score(self) -> dict:
@@ -307,10 +317,10 @@ class BaseTrainer:
                     disable=os.environ.get("Q0DS_NO_PROGRESS") == "1")
 
     def _log_step(self, cyc, parts, tok_s, bar):
-        lr_m, wd_m = self.sched.mults
+        lr_m, wd_m = parts["lr_mult"], parts["wd_mult"]
         rec = {"step": self.step, "epoch": round(self.plan.epoch_at(self.step), 6), "cycle": cyc.index,
-               "lr_mult": lr_m, "wd_mult": wd_m, "lr": self.sched.base[0][0] * lr_m,
-               "wd": self.sched.base[0][1] * wd_m, "batch": cyc.batch, **parts, "tokens_per_s": round(tok_s, 1)}
+               "lr": self.sched.base[0][0] * lr_m, "wd": self.sched.base[0][1] * wd_m, "batch": cyc.batch,
+               **parts, "tokens_per_s": round(tok_s, 1)}
         if self.rank == 0:
             if self.step % self.cfg.train.log_every == 0 or self.step == cyc.end_step:
                 self._log(rec)
@@ -320,6 +330,8 @@ class BaseTrainer:
                                 kl=f"{parts['kl']:.3f}", tok_s=f"{tok_s:.0f}")
 
     def _log(self, rec: dict):
+        if self.rank != 0:
+            return
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -336,7 +348,7 @@ class BaseTrainer:
 
     @staticmethod
     def _fault(name: str):
-        """Test-only fault injection: Q0DS_FAULT='nan_at_step=5,preempt_at_step=7'."""
+        """Test-only fault injection: Q0DS_FAULT='nan_at_step=5,preempt_at_step=7,crash_at_step=4,crash_in=snapshot'."""
         spec = os.environ.get("Q0DS_FAULT", "")
         for item in filter(None, spec.split(",")):
             k, _, v = item.partition("=")

@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from q0ds import data as qd
 from q0ds.corpus import embedded_documents
@@ -123,7 +124,7 @@ def test_max_train_tokens_cuts_whole_documents(tmp_path, synth):
 
 def test_train_samples_pure_function_of_position(synth):
     whole = synth.train_samples(seed=0, base=1, start=0, n=10, seq_len=16)
-    assert whole.shape == (10, 17) and whole.dtype.is_floating_point is False
+    assert whole.shape == (10, 17) and whole.dtype == torch.int64
     parts = [synth.train_samples(0, 1, 0, 3, 16), synth.train_samples(0, 1, 3, 7, 16)]
     assert (whole == np.concatenate([p.numpy() for p in parts])).all()
     fresh = PreparedData.open(synth.path)  # no cache shared: same result
@@ -148,14 +149,14 @@ def test_each_epoch_holds_each_train_doc_once_and_nothing_held_out(synth, epoch)
     assert (win[1:, 0] == win[:-1, -1]).all()  # consecutive windows share one boundary token
     stream = np.concatenate([win[:, :-1].ravel(), win[-1:, -1]])
     train = split_doc_ids(synth, "train")
-    runs = [r for r in np.split(stream, np.flatnonzero(stream == synth.eos_id)) if len(r)]
-    runs = [r[r != synth.eos_id] for r in runs]
-    seen = [doc_id(r[0]) for r in runs if len(r)]
-    assert all((r == r[0]).all() for r in runs if len(r))  # a document is never interleaved
-    assert len(seen) == len(set(seen)) and set(seen) <= train  # no doc twice, no held-out doc
-    assert set(seen[:-1]) | {seen[-1]} == set(seen)
+    runs = [r[r != synth.eos_id] for r in np.split(stream, np.flatnonzero(stream == synth.eos_id))]
+    runs = [r for r in runs if len(r)]
+    seen = [doc_id(r[0]) for r in runs]
+    assert all((r == r[0]).all() for r in runs)  # a document is never interleaved
+    assert len(seen) == len(set(seen)) and set(seen) == train  # every train doc once, no held-out doc
     for r in runs[:-1]:
         assert len(r) == synth_len(doc_id(r[0]))  # whole documents ...
+    assert len(runs[-1]) <= synth_len(seen[-1])
     dropped = synth.meta["n_tokens"]["train"] + len(train) - len(stream)
     assert 0 <= dropped < seq  # ... except the tail cut by windowing
     total = collections.Counter(stream[stream != synth.eos_id].tolist())
@@ -210,6 +211,23 @@ def test_txt_directory_one_document_per_paragraph(tmp_path):
     assert decoded == set(paras)
 
 
+def test_trained_tokenizer_never_sees_held_out_documents(tmp_path):
+    rng = np.random.default_rng(0)
+    marks = ["".join(rng.choice(list("bcdfghjklmnpqrstvwxz"), size=8)) for _ in range(40)]
+    docs = [p + (" " + m) * 20 for p, m in zip(english_paragraphs(40), marks)]  # a unique word per document
+    prepare(tmp_path / "out", input=write_jsonl(tmp_path / "m.jsonl", docs), vocab_size=1000,
+            fitness_tokens=200, val_tokens=300)
+    d = PreparedData.open(tmp_path / "out")
+    tok = d.load_tokenizer()
+    vocab = tok.get_vocab()
+    learned = {}  # split -> [is this document's unique word a single token?]
+    for split, (a, b) in d.meta["splits"].items():
+        texts = [tok.decode(d.tokens[d.offsets[i]:d.offsets[i + 1]]) for i in range(a, b)]
+        learned[split] = [("\u0120" + m in vocab) for t in texts for m in marks if m in t]
+    assert not any(learned["fitness"]) and not any(learned["val"])
+    assert sum(learned["train"]) >= 0.8 * len(learned["train"])  # the check can see a learned word
+
+
 def test_given_tokenizer_from_trained_bpe(tmp_path, embedded):
     paras = english_paragraphs(40, seed=1)
     jsonl = write_jsonl(tmp_path / "x.jsonl", paras)
@@ -251,7 +269,8 @@ def test_too_small_for_requested_sets(tmp_path, synth):
     with pytest.raises(DataError, match="too small.*fitness_tokens=100000"):  # trained-tokenizer path
         prepare(tmp_path / "b", input=write_jsonl(tmp_path / "p.jsonl", english_paragraphs(20)), fitness_tokens=100_000)
     with pytest.raises(DataError, match="training document"):  # held-out sets leave < 2 train documents
-        prepare(tmp_path / "c", input=jsonl, tokenizer=synth.tokenizer_dir, fitness_tokens=100, val_tokens=2000)
+        prepare(tmp_path / "c", input=jsonl, tokenizer=synth.tokenizer_dir, fitness_tokens=100, val_tokens=150,
+                max_train_tokens=30)
     with pytest.raises(DataError, match="too small for seq_len"):
         synth.windows_per_epoch(10**6)
 

@@ -1,0 +1,393 @@
+"""Planning: how to spend an epoch budget (bases x cycles x cycle length), and GPU memory/time estimates.
+
+Budget rules (method.md, "Budget allocation"). The paper's recipe table is not public; these rules are
+OUR reading of the authors' thread ("one base up to ~128 epochs, one more per doubling; small budgets
+want one base with frequent cycles packed toward the end") plus the reference code's 2-epoch cycles.
+`alternatives()` gives other allocations at the same budget so the rules can be measured, not trusted.
+
+For a budget of E epochs:
+  1. bases B = 1 if E <= 128, else 1 + ceil(log2(E / 128))   (2 up to 256, 3 up to 512, 4 up to 1024)
+  2. every base gets e = E / B epochs (the bases are identical apart from seed and data order).
+  3. the first cycle is a long "warm" segment of w = min(e / 2, 8) epochs: at small budgets a model must
+     learn before its snapshots are worth keeping, so half the budget goes to one long decay; the cap of
+     8 epochs (half the ~16-epoch saturation of a single model) makes large budgets converge to the
+     reference schedule (uniform 2-epoch cycles, the first four merged into one).
+  4. the rest, e - w, is split into n equal cycles of about l = clip((e - w) / 4, 0.25, 2) epochs,
+     n = round((e - w) / l), adjusted so every cycle lies in [0.25, 2] epochs: about 4 snapshot cycles
+     after the warm segment at small budgets, never longer than the reference 2 epochs, never shorter
+     than a quarter epoch (unless the whole rest is: then one cycle).
+  Example E=8: [4, 1, 1, 1, 1]; E=64: [8] + 28 x [2]; E=200: 2 bases x ([8] + 46 x [2]).
+Cycle lengths are in epochs; the trainer rounds them to optimizer steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+LR_FLOOR = 0.08           # ref-code sawtooth floor (method.md, Primitive 1)
+
+
+def _lr_mult(s: float, L: float, floor: float = LR_FLOOR) -> float:
+    """Private copy of the sawtooth for plotting: floor + (1 - floor) * (1 - s / L), s in [0, L)."""
+    return floor + (1.0 - floor) * (1.0 - s / L)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    name: str
+    budget_epochs: float
+    bases: int
+    cycle_epochs: tuple          # cycle lengths (epochs) of one base; every base runs the same list
+    nodes: int | None = None     # one base per node; fewer nodes than bases -> waves
+    rule: str = ""
+
+    def __post_init__(self):
+        if abs(self.total_epochs - self.budget_epochs) > 1e-9 * max(1.0, self.budget_epochs):
+            raise AssertionError(f"{self.name}: sums to {self.total_epochs} epochs, budget {self.budget_epochs}")
+
+    @property
+    def cycles(self) -> int:
+        return len(self.cycle_epochs)
+
+    @property
+    def epochs_per_base(self) -> float:
+        return float(sum(self.cycle_epochs))
+
+    @property
+    def total_epochs(self) -> float:
+        return self.bases * self.epochs_per_base
+
+    @property
+    def waves(self) -> int:
+        return 1 if not self.nodes else math.ceil(self.bases / self.nodes)
+
+    @property
+    def snapshots(self) -> int:
+        return self.bases * self.cycles
+
+    def run_overrides(self) -> dict:
+        """Run-config overrides: bases, schedule.cycles, schedule.cycle_epochs (float if uniform)."""
+        lens = [round(x, 9) for x in self.cycle_epochs]
+        uniform = all(abs(x - lens[0]) < 1e-9 for x in lens)
+        return {"bases": self.bases, "schedule.cycles": self.cycles,
+                "schedule.cycle_epochs": lens[0] if uniform else lens}
+
+    def override_args(self) -> list[str]:
+        """The overrides as `key=value` strings (JSON values) for the CLI."""
+        return [f"{k}={json.dumps(v)}" for k, v in self.run_overrides().items()]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "budget_epochs": self.budget_epochs, "bases": self.bases,
+                "cycles": self.cycles, "cycle_epochs": list(self.cycle_epochs),
+                "epochs_per_base": self.epochs_per_base, "total_epochs": self.total_epochs,
+                "snapshots": self.snapshots, "nodes": self.nodes, "waves": self.waves, "rule": self.rule,
+                "overrides": self.run_overrides()}
+
+    def summary(self) -> str:
+        shape = " + ".join(f"{n} x {v:g}" if n > 1 else f"{v:g}" for v, n in _runs(self.cycle_epochs))
+        s = (f"{self.name}: {self.bases} base(s) x {self.cycles} cycles ({shape} epochs per base) "
+             f"= {self.total_epochs:g} epochs, {self.snapshots} snapshots")
+        if self.nodes:
+            s += f"; {self.nodes} node(s) -> {self.waves} wave(s)"
+            if self.nodes > self.bases:
+                s += f", {self.nodes - self.bases} node(s) idle"
+        return s
+
+
+def _runs(xs):
+    """Run-length encoding: [2, 2, 2] -> [[2, 3]]."""
+    out = []
+    for x in xs:
+        if out and abs(out[-1][0] - x) < 1e-9:
+            out[-1][1] += 1
+        else:
+            out.append([x, 1])
+    return out
+
+
+def bases_for(epochs: float, base_epochs: float = 128.0) -> int:
+    """Rule 1: one base up to `base_epochs`, one more per doubling."""
+    if epochs <= base_epochs:
+        return 1
+    return 1 + math.ceil(math.log2(epochs / base_epochs) - 1e-12)
+
+
+def packed_cycles(e: float, warm_fraction=0.5, warm_epochs_max=8.0, min_after_warm=4,
+                  cycle_epochs_min=0.25, cycle_epochs_max=2.0) -> list[float]:
+    """Rules 3-4: one long warm cycle, then ~equal short cycles (sum == e)."""
+    if e <= 0:
+        raise ValueError(f"epochs per base must be > 0, got {e}")
+    warm = min(warm_fraction * e, warm_epochs_max)
+    rest = e - warm
+    target = min(max(rest / min_after_warm, cycle_epochs_min), cycle_epochs_max)
+    n = min(max(round(rest / target), math.ceil(rest / cycle_epochs_max - 1e-9)),
+            math.floor(rest / cycle_epochs_min + 1e-9))            # keep min <= length <= max
+    n = max(1, n)
+    return [warm] + [rest / n] * n
+
+
+def uniform_cycles(e: float, length: float) -> list[float]:
+    n = max(1, round(e / length))
+    return [e / n] * n
+
+
+def plan_budget(epochs: float, nodes: int | None = None, *, bases: int | None = None,
+                cycle_epochs_min: float = 0.25, cycle_epochs_max: float = 2.0,
+                warm_fraction: float = 0.5, warm_epochs_max: float = 8.0, base_epochs: float = 128.0,
+                name: str = "planner") -> Allocation:
+    """The planner's allocation for a budget of `epochs` (rules in the module docstring)."""
+    if not epochs > 0:
+        raise ValueError(f"--epochs must be > 0, got {epochs}")
+    if nodes is not None and nodes < 1:
+        raise ValueError(f"--nodes must be >= 1, got {nodes}")
+    B = bases or bases_for(epochs, base_epochs)
+    lens = packed_cycles(epochs / B, warm_fraction, warm_epochs_max, 4, cycle_epochs_min, cycle_epochs_max)
+    rule = (f"bases: 1 up to {base_epochs:g} epochs, +1 per doubling; per base: warm cycle "
+            f"min({warm_fraction:g} x e, {warm_epochs_max:g}), then cycles of "
+            f"clip(rest/4, {cycle_epochs_min:g}, {cycle_epochs_max:g}) epochs")
+    return Allocation(name, float(epochs), B, tuple(lens), nodes, rule)
+
+
+def alternatives(epochs: float, nodes: int | None = None) -> list[Allocation]:
+    """Other allocations at the same budget, to benchmark the planner's choice against."""
+    p = plan_budget(epochs, nodes)
+    short = p.cycle_epochs[-1]
+    alts = [
+        Allocation("1base-uniform-2ep", epochs, 1, tuple(uniform_cycles(epochs, 2.0)), nodes,
+                   "reference schedule: one base, uniform 2-epoch cycles"),
+        Allocation("1base-uniform-short", epochs, 1, tuple(uniform_cycles(epochs, short)), nodes,
+                   f"one base, uniform {short:g}-epoch cycles (frequent cycles, no warm packing)"),
+        plan_budget(epochs, nodes, bases=4 * p.bases, name="many-bases"),
+        plan_budget(epochs, nodes, bases=p.bases + 1, name="planner+1base"),
+    ]
+    if p.bases > 1:
+        alts.append(plan_budget(epochs, nodes, bases=p.bases - 1, name="planner-1base"))
+    seen, out = {(p.bases, tuple(round(x, 9) for x in p.cycle_epochs))}, []
+    for a in alts:
+        key = (a.bases, tuple(round(x, 9) for x in a.cycle_epochs))
+        if key not in seen:
+            seen.add(key)
+            out.append(a)
+    return out
+
+
+def lr_curve(alloc: Allocation, floor: float = LR_FLOOR, dx: float | None = None):
+    """(epochs, lr multipliers, cycle-end epochs) of one base, sampled every dx epochs (default 0.01)."""
+    dx = dx or min(0.01, min(alloc.cycle_epochs) / 50)
+    xs, ys, ends, start = [], [], [], 0.0
+    for L in alloc.cycle_epochs:
+        n = max(2, int(round(L / dx)))
+        for i in range(n):
+            xs.append(start + L * i / n)
+            ys.append(_lr_mult(L * i / n, L, floor))
+        start += L
+        xs.append(start)
+        ys.append(_lr_mult(L * (n - 1) / n, L, floor))   # the last step's value, held to the cycle end
+        ends.append(start)
+    return xs, ys, ends
+
+
+def plot_allocation(alloc: Allocation, path, max_panels: int = 4) -> None:
+    """LR sawtooth per base over its epochs, cycle ends (snapshots) marked; PNG via matplotlib Agg."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shown = min(alloc.bases, max_panels)
+    fig, axes = plt.subplots(shown, 1, figsize=(9, 1.8 + 1.4 * shown), sharex=True, squeeze=False)
+    xs, ys, ends = lr_curve(alloc)
+    for b in range(shown):
+        ax = axes[b][0]
+        ax.plot(xs, ys, lw=1.0, color="C0")
+        ax.plot(ends, [LR_FLOOR] * len(ends), "v", color="C3", ms=4, label="snapshot (cycle end)")
+        for e in ends:
+            ax.axvline(e, color="0.85", lw=0.6, zorder=0)
+        wave = f", wave {b // alloc.nodes + 1}" if alloc.nodes else ""
+        ax.set_ylabel(f"base {b}{wave}\nLR mult")
+        ax.set_ylim(0, 1.08)
+    axes[0][0].legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    axes[-1][0].set_xlabel("epoch (within a base)")
+    more = f" (first {shown} of {alloc.bases} bases shown; all run the same schedule)" if shown < alloc.bases else ""
+    fig.suptitle(alloc.summary() + more, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- GPU memory / time
+
+# --------------------------------------------------------------------------- GPU memory and time
+# Keys are transformers `Qwen3Config` kwargs: `Qwen3Config(**ARCH[name])` builds the model.
+ARCH = {
+    "tiny": dict(vocab_size=2048, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, head_dim=16, intermediate_size=128, tie_word_embeddings=False),
+    "small": dict(vocab_size=2048, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=32, intermediate_size=384, tie_word_embeddings=False),
+    "1.8b": dict(vocab_size=50304, hidden_size=2048, num_hidden_layers=30, num_attention_heads=16,
+                 num_key_value_heads=16, head_dim=128, intermediate_size=5632, tie_word_embeddings=False),
+}
+PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}     # bf16 dense, per GPU
+GB = 1e9
+
+
+def _arch(model) -> dict:
+    if isinstance(model, dict):
+        return model
+    if model not in ARCH:
+        raise ValueError(f"unknown model preset {model!r}; choose one of {', '.join(ARCH)}")
+    return ARCH[model]
+
+
+def param_breakdown(model) -> dict:
+    """Parameter counts of a Qwen3ForCausalLM (no biases; RMSNorm per block, QK-norm per head dim)."""
+    a = _arch(model)
+    V, h, L, I = a["vocab_size"], a["hidden_size"], a["num_hidden_layers"], a["intermediate_size"]
+    q = a["num_attention_heads"] * a["head_dim"]
+    kv = a["num_key_value_heads"] * a["head_dim"]
+    attn, mlp = 2 * h * q + 2 * h * kv, 3 * h * I                 # q,o + k,v ; gate, up, down
+    norms = L * (2 * h + 2 * a["head_dim"]) + h                    # 2 RMSNorms + q/k norm per layer, final
+    embed, head = V * h, (0 if a.get("tie_word_embeddings", False) else V * h)
+    matrices = L * (attn + mlp)                                    # what Muon gets (2-D, not embed/head)
+    return {"total": matrices + embed + head + norms, "matrices": matrices, "embedding": embed,
+            "lm_head": head, "norms": norms, "per_layer": attn + mlp + 2 * h + 2 * a["head_dim"],
+            # DeepSpeed's convention (model_to_params): the largest single module's own parameters
+            "largest_layer": max(embed, h * I, h * q, h * kv)}
+
+
+def param_count(model) -> int:
+    return param_breakdown(model)["total"]
+
+
+def activation_bytes(model, micro_batch: int, seq_len: int, flash=True, checkpointing=False) -> int:
+    """Per-GPU activation memory of one micro batch (bf16), after Korthikanti et al. 2022 (no TP/SP).
+
+    Per layer: attention 11sbh (+5as^2b for scores/softmax/dropout, dropped with flash attention),
+    2 RMSNorms 4sbh, SwiGLU MLP 3sbh + 8sbI (input, gate/up/SiLU/product outputs, dropout mask; this
+    replaces the paper's 19sbh for a 4h GeLU MLP): s*b*(18h + 8I) [+ 5as^2b]. With activation
+    checkpointing: the layer inputs 2sbh per layer plus one layer's full activations (recompute).
+    """
+    a = _arch(model)
+    s, b, h = seq_len, micro_batch, a["hidden_size"]
+    layer = s * b * (18 * h + 8 * a["intermediate_size"])
+    if not flash:
+        layer += 5 * a["num_attention_heads"] * s * s * b
+    L = a["num_hidden_layers"]
+    return 2 * s * b * h * L + layer if checkpointing else L * layer
+
+
+def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="adamw", teacher=True,
+                gpu_mem_gb=80, checkpointing=False, flash=True, prefetch=2, reserve_gb=4.0,
+                deepspeed_check=True) -> dict:
+    """Per-GPU memory ESTIMATE for one base (one node, ZeRO-3 over `gpus`), in bytes."""
+    if optimizer not in ("adamw", "muon"):
+        raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
+    a, pb = _arch(model), param_breakdown(model)
+    N, V, g = pb["total"], a["vocab_size"], gpus
+    opt = 8 * N if optimizer == "adamw" else 4 * pb["matrices"] + 8 * (N - pb["matrices"])
+    logit_copies = 2 if teacher else 1
+    parts = {
+        "student bf16 params": 2 * N / g,
+        "student fp32 master": 4 * N / g,
+        f"optimizer states ({optimizer})": opt / g,
+        "student bf16 grads": 2 * N / g,
+        "teacher bf16 params": 2 * N / g if teacher else 0,
+        f"gathered layers (largest x 2 B x {prefetch})": pb["largest_layer"] * 2 * prefetch,
+        "activations": activation_bytes(a, micro_batch, seq_len, flash, checkpointing),
+        f"fp32 logits x {logit_copies}": seq_len * micro_batch * V * 4 * logit_copies,
+        "reserve (CUDA ctx, NCCL, fragmentation)": reserve_gb * GB,
+    }
+    parts = {k: int(math.ceil(v)) for k, v in parts.items()}
+    model_states = sum(list(parts.values())[:4])
+    total = sum(parts.values())
+    per_sample = (activation_bytes(a, 1, seq_len, flash, checkpointing) + seq_len * V * 4 * logit_copies)
+    fixed = total - micro_batch * per_sample
+    out = {"estimate": True, "model": model if isinstance(model, str) else "custom", "params": N,
+           "largest_layer_params": pb["largest_layer"], "gpus": gpus, "micro_batch": micro_batch,
+           "seq_len": seq_len, "optimizer": optimizer, "teacher": teacher, "checkpointing": checkpointing,
+           "flash": flash, "bytes": parts, "student_model_states_bytes": model_states, "total_bytes": total,
+           "gpu_mem_bytes": int(gpu_mem_gb * GB), "fits": total <= gpu_mem_gb * GB,
+           "max_micro_batch": max(0, int((gpu_mem_gb * GB - fixed) // per_sample)),
+           "assumptions": [
+               "ZeRO-3 over the GPUs of one node (one base per node); bf16 params/grads, fp32 master",
+               "AdamW m,v 8 B/param; Muon: 4 B momentum on 2-D block matrices, AdamW 8 B on the rest",
+               "teacher: bf16 params partitioned like the student, no optimizer state, no grads",
+               "activations: Korthikanti et al. 2022 adapted to SwiGLU (see activation_bytes); "
+               + ("flash attention (no s^2 term)" if flash else "no flash attention (5as^2b term)"),
+               "logits: fp32 [s, b, V] for the student (+ the teacher's when distilling); loss "
+               "temporaries (log-softmax, logits grad) can add 1-2 more copies unless the loss is chunked",
+               f"GB = 1e9 bytes; {reserve_gb:g} GB reserved for CUDA context, NCCL buffers, fragmentation"]}
+    if deepspeed_check:
+        out["deepspeed"] = _deepspeed_estimate(N, pb["largest_layer"], gpus)
+        if "gpu_bytes" in out["deepspeed"]:
+            ours = model_states + parts[f"gathered layers (largest x 2 B x {prefetch})"]
+            out["deepspeed"].update(ours_comparable_bytes=ours, ratio=ours / out["deepspeed"]["gpu_bytes"])
+    return out
+
+
+def _deepspeed_estimate(params: int, largest: int, gpus: int) -> dict:
+    """DeepSpeed's own ZeRO-3 model-state estimate, no offload: 4 x largest layer + 18 x params / gpus."""
+    try:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    except Exception as e:                      # deepspeed missing or unusable here: report, don't fail
+        return {"error": f"deepspeed estimator unavailable: {e!r}"}
+    cpu, gpu, layer = estimate_zero3_model_states_mem_needs(
+        params, largest, num_gpus_per_node=gpus, num_nodes=1,
+        cpu_offload=False, cpu_offload_params=False, zero_init=True)
+    return {"function": "deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs"
+                        "(cpu_offload=False, cpu_offload_params=False, zero_init=True)",
+            "gpu_bytes": int(gpu), "cpu_bytes": int(cpu), "largest_layer_bytes": int(layer)}
+
+
+def time_plan(model="1.8b", gpus=8, tokens_per_step=524288, gpu="h100", mfu=0.4, seq_len=2048,
+              teacher=True, step_time_s=None, epoch_tokens=100e6) -> dict:
+    """Step-time ESTIMATE from FLOPs per token at an assumed MFU (or the MFU a measured step implies)."""
+    if gpu not in PEAK_FLOPS:
+        raise ValueError(f"unknown gpu {gpu!r}; choose one of {', '.join(PEAK_FLOPS)}")
+    a, pb = _arch(model), param_breakdown(model)
+    n_mm = pb["matrices"] + pb["lm_head"]                      # matmul params (embedding is a lookup)
+    attn = 12 * a["num_hidden_layers"] * a["num_attention_heads"] * a["head_dim"] * seq_len
+    student = 6 * n_mm + attn
+    teach = (2 * n_mm + attn / 3) if teacher else 0.0            # forward only
+    fpt = student + teach
+    peak = PEAK_FLOPS[gpu]
+    step = tokens_per_step * fpt / (gpus * peak * mfu)
+    out = {"estimate": True, "model": model if isinstance(model, str) else "custom", "gpus": gpus,
+           "gpu": gpu, "tokens_per_step": tokens_per_step, "flops_per_token": fpt,
+           "student_flops_per_token": student, "teacher_flops_per_token": teach,
+           "peak_flops_per_gpu": peak, "mfu": mfu, "step_time_s": step,
+           "tokens_per_s": tokens_per_step / step, "epoch_s": epoch_tokens / (tokens_per_step / step),
+           "assumptions": ["training FLOPs/token = 6 N + 12 L h s (PaLM appendix B; N = matmul params, "
+                           "no causal-mask discount)", "teacher forward = 2 N + 4 L h s",
+                           f"peak {peak / 1e12:g} TFLOP/s bf16 dense per {gpu}", f"MFU {mfu:g} assumed",
+                           "fitness/val scoring and snapshot writes not included"]}
+    if step_time_s:
+        out["measured_step_time_s"] = step_time_s
+        out["implied_mfu"] = tokens_per_step * fpt / (step_time_s * gpus * peak)
+    return out
+
+
+def format_memory_plan(d: dict, t: dict | None = None) -> str:
+    """Plain-text table of a memory_plan() dict (and optionally a time_plan() dict)."""
+    lines = [f"Memory plan (ESTIMATE): {d['model']} ({d['params'] / 1e9:.3f}B params), ZeRO-3 over "
+             f"{d['gpus']} GPUs, micro batch {d['micro_batch']} x seq {d['seq_len']}, {d['optimizer']}, "
+             f"teacher {'on' if d['teacher'] else 'off'}, checkpointing {'on' if d['checkpointing'] else 'off'}",
+             f"  {'component':<44}{'GB/GPU':>9}"]
+    lines += [f"  {k:<44}{v / GB:>9.2f}" for k, v in d["bytes"].items()]
+    verdict = "fits" if d["fits"] else "DOES NOT FIT"
+    lines += [f"  {'total':<44}{d['total_bytes'] / GB:>9.2f}  of {d['gpu_mem_bytes'] / GB:g} GB: {verdict}",
+              f"  largest micro batch that fits: {d['max_micro_batch']}"]
+    ds = d.get("deepspeed")
+    if ds and "gpu_bytes" in ds:
+        lines.append(f"  DeepSpeed estimator (model states + largest layer): {ds['gpu_bytes'] / GB:.2f} GB; "
+                     f"ours comparable {ds['ours_comparable_bytes'] / GB:.2f} GB (ratio {ds['ratio']:.2f})")
+    elif ds:
+        lines.append(f"  {ds['error']}")
+    if t:
+        lines.append(f"Time plan (ESTIMATE): {t['flops_per_token'] / 1e9:.1f} GFLOP/token, "
+                     f"{t['tokens_per_step']} tokens/step on {t['gpus']} x {t['gpu']} at MFU {t['mfu']:g}: "
+                     f"{t['step_time_s']:.2f} s/step, {t['tokens_per_s'] / 1e3:.0f}k tokens/s, "
+                     f"{t['epoch_s'] / 60:.1f} min/epoch")
+        if "implied_mfu" in t:
+            lines.append(f"  measured {t['measured_step_time_s']:.2f} s/step -> MFU {t['implied_mfu']:.3f}")
+    lines += ["assumptions:"] + [f"  - {x}" for x in d["assumptions"] + (t["assumptions"] if t else [])]
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""Tests for q0ds.plan: budget rules, allocations, plots, parameter counts, memory and time estimates."""
+import math
+
+import pytest
+import torch
+
+from q0ds.plan import (ARCH, Allocation, _lr_mult, activation_bytes, alternatives, bases_for,
+                       format_memory_plan, lr_curve, memory_plan, param_breakdown, param_count,
+                       plan_budget, plot_allocation, time_plan)
+
+BUDGETS = [0.5, 1, 3, 4, 8, 12, 16, 32, 50, 64, 100, 128, 129, 200, 256, 300, 400, 512, 960]
+
+
+@pytest.mark.parametrize("epochs, bases", [(1, 1), (64, 1), (128, 1), (129, 2), (200, 2), (256, 2),
+                                           (257, 3), (400, 3), (512, 3), (960, 4)])
+def test_one_more_base_per_doubling(epochs, bases):
+    assert bases_for(epochs) == bases
+    assert plan_budget(epochs).bases == bases
+
+
+@pytest.mark.parametrize("epochs", BUDGETS)
+def test_total_equals_budget_and_lengths_are_sane(epochs):
+    a = plan_budget(epochs)
+    assert math.isclose(a.total_epochs, epochs, rel_tol=1e-12)
+    assert a.cycles == len(a.cycle_epochs) >= 2
+    assert all(x > 0 for x in a.cycle_epochs)
+    assert max(a.cycle_epochs[1:]) <= 2.0 + 1e-12                 # never longer than the ref-code cycle
+    assert epochs < 1 or min(a.cycle_epochs[1:]) >= 0.25 - 1e-12
+    assert a.cycle_epochs[0] <= 8.0 + 1e-12
+    ov = a.run_overrides()
+    assert ov["bases"] == a.bases and ov["schedule.cycles"] == a.cycles
+    lens = ov["schedule.cycle_epochs"]
+    assert math.isclose(a.bases * (sum(lens) if isinstance(lens, list) else lens * a.cycles), epochs,
+                        rel_tol=1e-8)
+    for b in alternatives(epochs):
+        assert math.isclose(b.total_epochs, epochs, rel_tol=1e-12)
+
+
+def test_small_budget_packs_cycles_toward_the_end():
+    a = plan_budget(8)
+    assert a.bases == 1 and list(a.cycle_epochs) == [4.0, 1.0, 1.0, 1.0, 1.0]
+    assert a.run_overrides() == {"bases": 1, "schedule.cycles": 5,
+                                 "schedule.cycle_epochs": [4.0, 1.0, 1.0, 1.0, 1.0]}
+    for e in (1, 2, 4, 8, 16):                         # half the budget warm, then >= 4 short cycles
+        lens = plan_budget(e).cycle_epochs
+        assert lens[0] == e / 2 and all(x < lens[0] for x in lens[1:])
+        ends = [sum(lens[:i + 1]) for i in range(len(lens))]
+        assert all(x >= e / 2 for x in ends)           # every snapshot lands in the second half
+    big = plan_budget(64).cycle_epochs                 # large budgets: the reference 2-epoch cycles
+    assert big[0] == 8 and set(big[1:]) == {2.0} and len(big) == 29
+
+
+def test_waves_overrides_and_alternatives():
+    a = plan_budget(400, nodes=2)
+    assert a.bases == 3 and a.waves == 2 and "2 wave(s)" in a.summary()
+    assert plan_budget(400, nodes=4).waves == 1 and "1 node(s) idle" in plan_budget(400, nodes=4).summary()
+    assert plan_budget(400).waves == 1
+    assert a.override_args()[:2] == ["bases=3", "schedule.cycles=64"]
+    assert plan_budget(60, bases=3).bases == 3
+    alts = alternatives(8)
+    names = [x.name for x in alts]
+    assert "1base-uniform-2ep" in names and "many-bases" in names
+    ref = next(x for x in alts if x.name == "1base-uniform-2ep")
+    assert ref.run_overrides()["schedule.cycle_epochs"] == 2.0 and ref.cycles == 4
+    keys = {(x.bases, x.cycle_epochs) for x in alts}
+    assert len(keys) == len(alts) and (1, plan_budget(8).cycle_epochs) not in keys
+    with pytest.raises(ValueError, match="epochs"):
+        plan_budget(0)
+    with pytest.raises(AssertionError):
+        Allocation("bad", 10.0, 1, (4.0, 4.0))
+
+
+def test_lr_curve_and_plot(tmp_path):
+    assert _lr_mult(0, 10) == 1.0
+    assert math.isclose(_lr_mult(5, 10), 0.08 + 0.92 * 0.5)
+    xs, ys, ends = lr_curve(plan_budget(8))
+    assert ends == [4.0, 5.0, 6.0, 7.0, 8.0] and max(ys) == 1.0 and min(ys) > 0.08
+    assert xs == sorted(xs) and xs[-1] == 8.0
+    path = tmp_path / "alloc.png"
+    plot_allocation(plan_budget(400, nodes=2), path)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------ parameter counts and memory
+
+
+def hf_model(name, meta=False):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    if meta:
+        with torch.device("meta"):
+            return Qwen3ForCausalLM(Qwen3Config(**ARCH[name]))
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(**ARCH[name]))
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_param_count_matches_transformers(name):
+    from deepspeed.runtime.zero.stage3 import model_to_params
+    m = hf_model(name)
+    assert param_count(name) == sum(p.numel() for p in m.parameters())
+    total, largest = model_to_params(m)                   # DeepSpeed's own count of the same model
+    assert (total, largest) == (param_count(name), param_breakdown(name)["largest_layer"])
+
+
+def test_param_count_1_8b():
+    n = param_count("1.8b")
+    assert n == 1_747_584_512 and round(n / 1e9, 3) == 1.748
+    m = hf_model("1.8b", meta=True)
+    assert n == sum(p.numel() for p in m.parameters())
+    pb = param_breakdown("1.8b")
+    assert pb["largest_layer"] == 50304 * 2048 and pb["matrices"] == 30 * (4 * 2048 * 2048 + 3 * 2048 * 5632)
+
+
+def test_memory_plan_1_8b_model_states_and_deepspeed_crosscheck():
+    N, g = 1_747_584_512, 8
+    d = memory_plan("1.8b", gpus=g, micro_batch=8, seq_len=2048, optimizer="adamw", teacher=True)
+    assert d["estimate"] is True and d["params"] == N and d["assumptions"]
+    b = d["bytes"]
+    assert d["student_model_states_bytes"] == pytest.approx((2 + 4 + 8 + 2) * N / g, abs=4)
+    assert b["teacher bf16 params"] == math.ceil(2 * N / g)
+    assert b["gathered layers (largest x 2 B x 2)"] == 50304 * 2048 * 2 * 2
+    assert b["activations"] == 30 * 2048 * 8 * (18 * 2048 + 8 * 5632)
+    assert b["fp32 logits x 2"] == 2048 * 8 * 50304 * 4 * 2
+    assert d["total_bytes"] == sum(b.values())
+    # DeepSpeed's estimator: 4 x largest layer + 18 B/param / gpus; ours counts 16 B/param (bf16 params,
+    # fp32 master, Adam m+v, bf16 grads), so ours/DeepSpeed must sit in [0.85, 1.0].
+    ds = d["deepspeed"]
+    assert ds["gpu_bytes"] == int(4 * 50304 * 2048 + 18 * N / g)
+    assert 0.85 <= ds["ratio"] <= 1.0
+    muon = memory_plan("1.8b", optimizer="muon", deepspeed_check=False)
+    pb = param_breakdown("1.8b")
+    assert muon["bytes"]["optimizer states (muon)"] == math.ceil((4 * pb["matrices"] + 8 * (N - pb["matrices"])) / g)
+    assert "deepspeed" not in muon
+
+
+def test_memory_plan_fit_and_options():
+    d = memory_plan("1.8b", deepspeed_check=False)
+    mb = d["max_micro_batch"]
+    assert d["fits"] and mb >= 8
+    assert memory_plan("1.8b", micro_batch=mb, deepspeed_check=False)["fits"]
+    assert not memory_plan("1.8b", micro_batch=mb + 1, deepspeed_check=False)["fits"]
+    ck = activation_bytes("1.8b", 8, 2048, checkpointing=True)
+    assert ck == 2 * 2048 * 8 * 2048 * 30 + 2048 * 8 * (18 * 2048 + 8 * 5632)
+    assert activation_bytes("1.8b", 1, 2048, flash=False) - activation_bytes("1.8b", 1, 2048) == 30 * 5 * 16 * 2048 ** 2
+    no_teacher = memory_plan("1.8b", teacher=False, deepspeed_check=False)
+    assert no_teacher["bytes"]["teacher bf16 params"] == 0 and "fp32 logits x 1" in no_teacher["bytes"]
+    with pytest.raises(ValueError, match="optimizer"):
+        memory_plan(optimizer="sgd")
+    with pytest.raises(ValueError, match="unknown model preset"):
+        memory_plan("7b")
+    text = format_memory_plan(d, time_plan())
+    assert "ESTIMATE" in text and "total" in text and "assumptions" in text
+
+
+def test_time_plan():
+    t = time_plan("1.8b", gpus=8, tokens_per_step=524288, gpu="h100", mfu=0.4, teacher=False)
+    pb = param_breakdown("1.8b")
+    n_mm = pb["matrices"] + pb["lm_head"]
+    fpt = 6 * n_mm + 12 * 30 * 2048 * 2048
+    assert t["estimate"] is True and t["flops_per_token"] == fpt
+    assert t["step_time_s"] == pytest.approx(524288 * fpt / (8 * 989e12 * 0.4))
+    assert t["tokens_per_s"] == pytest.approx(524288 / t["step_time_s"])
+    with_teacher = time_plan("1.8b", teacher=True)
+    assert with_teacher["flops_per_token"] == pytest.approx(fpt * 4 / 3)
+    m = time_plan("1.8b", step_time_s=with_teacher["step_time_s"])
+    assert m["implied_mfu"] == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="gpu"):
+        time_plan(gpu="tpu")
