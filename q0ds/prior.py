@@ -18,6 +18,7 @@ mixture: we keep the best iterate and compare it against those two candidates at
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -77,10 +78,10 @@ class _Scaled:
         blocks, single, logc_sum = [], torch.zeros(self.M, dtype=torch.float64), 0.0
         for b in range(lo, hi):
             raw = self.P[:, b * _BLOCK:(b + 1) * _BLOCK]
-            p = raw.clamp_min(_TINY)
-            if not bool(torch.isfinite(p).all()) or bool((raw < 0).any()):
+            lo_t, hi_t = torch.aminmax(raw, dim=0)                 # one pass: validity + per-token max
+            if not (float(lo_t.min()) >= 0 and math.isfinite(float(hi_t.max()))):   # also catches NaN
                 raise ValueError("P must hold finite, non-negative probabilities p_i(y_t)")
-            c = p.amax(0)
+            c, p = hi_t.clamp_min(_TINY), raw.clamp_min(_TINY)
             single += p.log().sum(1).double()
             logc_sum += float(c.log().sum(dtype=torch.float64))
             blocks.append(p.div_(c))
@@ -113,17 +114,32 @@ class _Scaled:
         return -(total + self.logc_sum) / self.N
 
 
-def fit_prior(P: torch.Tensor, steps: int = 300, lr: float = 0.5, clip: float = 1.0,
-              init_std: float = 0.0, seed: int = 0) -> PriorFit:
-    """Fit softmax weights over M members to P [M, N] (p_i(y_t)); see the module docstring."""
-    t0 = time.perf_counter()
+@contextlib.contextmanager
+def _scaled(P: torch.Tensor):
+    """_Scaled(P) with one worker thread per torch thread; torch's own threading is off meanwhile
+    (each worker runs single-threaded BLAS on its own token range, which is ~2x faster here)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)             # we parallelise over token ranges ourselves
+    torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(threads) as pool:
-            fit = _optimise(_Scaled(P, pool, threads), steps, lr, clip, init_std, seed)
+            yield _Scaled(P, pool, threads)
     finally:
         torch.set_num_threads(threads)
+
+
+def fit_prior(P: torch.Tensor, steps: int = 300, lr: float = 0.5, clip: float = 1.0,
+              init_std: float = 0.0, seed: int = 0) -> PriorFit:
+    """Fit softmax weights over M members to P [M, N] (p_i(y_t)); see the module docstring.
+
+    AdamW(lr, weight_decay=0) on the logits, grad-norm clip `clip` (0 = off), `steps` steps from
+    logits N(0, init_std^2) (0 = all zeros, the uniform mixture). Returns the best of: the best iterate,
+    the best single member, the uniform mixture, by exact NLL (`chosen` says which).
+    """
+    if steps < 0 or not lr > 0:
+        raise ValueError(f"need steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
+    t0 = time.perf_counter()
+    with _scaled(P) as S:
+        fit = _optimise(S, steps, lr, clip, init_std, seed)
     fit.seconds = time.perf_counter() - t0
     return fit
 
@@ -175,7 +191,8 @@ def nll_and_grad(P: torch.Tensor, logits) -> tuple[float, torch.Tensor]:
 
 def mixture_nll(P: torch.Tensor, weights) -> float:
     """Exact mean NLL of the probability mixture sum_i w_i P[i, t] (nats/token)."""
-    return _Scaled(P).exact_nll(weights)
+    with _scaled(P) as S:
+        return S.exact_nll(weights)
 
 
 def mixture_logprob(logP: torch.Tensor, weights) -> torch.Tensor:

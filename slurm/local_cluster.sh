@@ -103,8 +103,7 @@ start_munge() {
     rm -f /run/munge/munged.pid
     runuser -u munge -- munged --force --pid-file=/run/munge/munged.pid ||
         die "munged failed to start (see /var/log/munge/munged.log)"
-    local i
-    for i in $(seq 50); do
+    for _ in $(seq 50); do
         [[ -s /run/munge/munged.pid ]] && break
         sleep 0.1
     done
@@ -171,12 +170,12 @@ wait_idle() {
 }
 
 start_daemon() { # NAME ARGS...: start a daemon that writes its pid file into the state dir
-    local name=$1 i
+    local name=$1
     shift
     pid_of "$name" >/dev/null && return 0
     rm -f "$STATE_DIR/$name.pid"
     "$name" "$@" || die "$name failed to start; see $STATE_DIR/$name.log"
-    for i in $(seq 100); do
+    for _ in $(seq 100); do
         pid_of "$name" >/dev/null && return 0
         sleep 0.1
     done
@@ -209,11 +208,11 @@ cmd_start() {
 }
 
 stop_pid() { # NAME: TERM the recorded daemon, KILL after 15 s
-    local name=$1 pid i
+    local name=$1 pid
     pid=$(pid_of "$name") || { rm -f "$STATE_DIR/$name.pid"; return 0; }
     log "stopping $name (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 150); do
+    for _ in $(seq 150); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
@@ -225,13 +224,12 @@ stop_pid() { # NAME: TERM the recorded daemon, KILL after 15 s
 }
 
 cmd_stop() {
-    local i
     if pid_of slurmctld >/dev/null; then
         # Jobs on our cluster are ours to cancel; do it so no slurmstepd/job outlives slurmd.
         if [[ -n "$(squeue -h -o %i 2>/dev/null)" ]]; then
             log "cancelling remaining jobs"
             squeue -h -o %A | xargs -r scancel 2>/dev/null || true
-            for i in $(seq 60); do
+            for _ in $(seq 60); do
                 [[ -z "$(squeue -h -o %i 2>/dev/null)" ]] && break
                 sleep 0.5
             done
