@@ -27,12 +27,8 @@ def _user_errors():
     from .snapshot import SnapshotError
     from .trainer import NonFiniteLoss, ResumeError
     errs = [ConfigError, DataError, ModelError, SnapshotError, ResumeError, NonFiniteLoss, FileNotFoundError]
-    try:
-        from .prior import PriorError
-        errs.append(PriorError)
-    except ImportError:
-        pass
-    return tuple(errs)
+    from .population import PriorError
+    return tuple(errs + [PriorError])
 
 
 def cmd_prepare(a):
@@ -94,7 +90,8 @@ def cmd_generate(a):
 
 def cmd_run(a):
     from .runner import run_all
-    return run_all(a.config, a.overrides, parallel=a.parallel, ranks=a.ranks)
+    return run_all(a.config, a.overrides, parallel=a.parallel, ranks=a.ranks, baselines=a.baselines,
+                   ensemble_members=a.ensemble_members)
 
 
 def cmd_demo(a):
@@ -168,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--parallel", type=int, default=1, help="bases trained side by side")
     s.add_argument("--ranks", type=int, default=1, help="DeepSpeed ranks per base")
+    s.add_argument("--baselines", action="store_true", help="also train the single-model and ensemble baselines")
+    s.add_argument("--ensemble-members", type=int, default=4)
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_run)
 

@@ -46,7 +46,6 @@ class TrainConfig:
     ckpt_every: int = 50          # optimizer steps between resume checkpoints (also at every cycle end)
     keep_ckpts: int = 2
     nan_policy: str = "stop"      # stop | skip
-    threads: int = 0              # torch threads per rank on CPU; 0 = cores / local ranks
     verify_teacher: bool = False  # after each teacher refresh, gather it and log its max diff to the snapshot
 
     def check(self):

@@ -108,7 +108,8 @@ class BaseTrainer:
         self.rank, self.world, self.local_rank = E.setup_distributed()
         if not torch.cuda.is_available():
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-            torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local_world))
+            # Q0DS_THREADS lets `q0ds run` share the cores between bases trained side by side
+            torch.set_num_threads(int(os.environ.get("Q0DS_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local_world))
         cfg.train.check_world(self.world)
         if not 0 <= base < cfg.bases:
             raise ConfigError(f"--base {base} is out of range: the run config has bases={cfg.bases}")
@@ -241,7 +242,8 @@ class BaseTrainer:
                 "lr_mult": lr_m, "wd_mult": wd_m, "distilled": self.teacher is not None and cyc.index >= self.cfg.distill.start_cycle,
                 "teacher": f"base-{self.base:02d}/cycle-{cyc.index - 1:04d}" if self.teacher_cycle is not None else None,
                 "seed": self.seed, "run_config": self.cfg.fingerprint(), "data": self.data.fingerprint,
-                "fitness_fingerprint": self.fitness_fingerprint, "dtype": self.cfg.model.dtype,
+                "fitness_fingerprint": self.fitness_fingerprint,
+                "val_fingerprint": windows_fingerprint(self.val), "dtype": self.cfg.model.dtype,
                 "val_loss": None}
 
     def _score(self) -> dict:

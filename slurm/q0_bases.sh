@@ -129,6 +129,7 @@ ROOT=${Q0DS_ROOT:-$SUBMIT_DIR}
 [[ -f $ROOT/launchers/train.py ]] || die "$ROOT is not the q0ds project (no launchers/train.py); set Q0DS_ROOT"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+[[ -t 1 ]] || export Q0DS_NO_PROGRESS=${Q0DS_NO_PROGRESS:-1}   # no progress bars in log files
 
 PY=${Q0DS_PYTHON:-python}
 command -v "$PY" >/dev/null || die "python not found: $PY (set Q0DS_PYTHON)"

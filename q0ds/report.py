@@ -1,0 +1,168 @@
+"""`q0ds report --run RUN`: report.md + report.json + plots/*.png from eval.json, prior.json and metrics.
+
+Plots: val loss vs epochs spent (single model, ensemble baseline, q0), val loss vs K (weighted vs uniform),
+prior weights per base and cycle, the LR/WD schedule of base 0.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import atomic_write_text
+from .population import epochs_to_match
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
+def plot_val_vs_epochs(ev, path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    b = ev["baselines"]
+    if "single" in b:
+        c = b["single"]["curve"]
+        ax.plot([r["epochs"] for r in c], [r["val_loss"] for r in c], "o-", ms=3, label="single model (cosine)")
+    if "ensemble" in b:
+        c = b["ensemble"]["curve"]
+        ax.plot([r["epochs"] for r in c], [r["val_loss"] for r in c], "s-", ms=4,
+                label=f"independent ensemble ({b['ensemble']['members']} models)")
+    c = ev["curve"]
+    ax.plot([r["epochs"] for r in c], [r["val_loss"] for r in c], "D-", ms=4, label="q0 (learned prior, all members)")
+    ax.set_xlabel("epochs spent (all models)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Validation loss vs training budget")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_val_vs_k(ev, path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ks = [r["k"] for r in ev["topk"]]
+    ax.plot(ks, [r["weighted"] for r in ev["topk"]], "o-", label="top-K, prior weights")
+    ax.plot(ks, [r["uniform_topk"] for r in ev["topk"]], "s--", label="top-K, uniform weights")
+    ax.axhline(ev["best_single"]["val_loss"], color="gray", ls=":", label="best single q0 member")
+    for name, b in ev["baselines"].items():
+        v = b.get("best_val_loss", b["final_val_loss"])
+        ax.axhline(v, ls="-.", lw=1, color="C3" if name == "single" else "C4", label=f"{name} baseline")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K (members used at inference)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Any inference budget: val loss vs K")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_prior_weights(prior, path):
+    plt = _plt()
+    by_base: dict[str, list] = {}
+    for m, w in zip(prior["members"], prior["weights"]):
+        base, cyc = m.split("/")
+        by_base.setdefault(base, []).append((int(cyc.split("-")[1]), w))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    width = 0.8 / max(1, len(by_base))
+    for i, (base, rows) in enumerate(sorted(by_base.items())):
+        ax.bar([c + i * width for c, _ in rows], [w for _, w in rows], width=width, label=base)
+    ax.set_xlabel("cycle")
+    ax.set_ylabel("prior weight")
+    ax.set_title("Learned prior: weight of each snapshot")
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_schedule(metrics_path, path):
+    plt = _plt()
+    recs = [json.loads(l) for l in Path(metrics_path).read_text().splitlines() if l.startswith('{"step"')]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    steps = [r["step"] for r in recs]
+    ax.plot(steps, [r["lr_mult"] for r in recs], label="LR multiplier")
+    ax.plot(steps, [r["wd_mult"] for r in recs], label="WD multiplier")
+    for r in recs:
+        if r.get("kl", 0) > 0:
+            ax.axvline(r["step"], color="C2", alpha=0.04)
+    ax.set_xlabel("optimizer step (base 0)")
+    ax.set_title("Sawtooth LR with anti-phase WD (green: distilled steps)")
+    ax.legend()
+    _save(fig, path)
+
+
+def headline(ev) -> dict:
+    best_k = min(ev["topk"], key=lambda r: r["weighted"])
+    h = {"q0_best_topk": {"k": best_k["k"], "val_loss": best_k["weighted"]},
+         "q0_best_single_member": ev["best_single"]["val_loss"], "q0_epochs": ev["epochs_spent"]}
+    b = ev["baselines"]
+    if "single" in b:
+        h["single_model_best"] = b["single"]["best_val_loss"]
+        h["single_saturation_epoch"] = b["single"]["saturation_epoch"]
+    if "ensemble" in b:
+        h["ensemble_baseline"] = b["ensemble"]["final_val_loss"]
+        h["epochs_to_match_ensemble"] = epochs_to_match(ev["curve"], b["ensemble"]["final_val_loss"], b["ensemble"]["epochs"])
+    if "single" in b:
+        h["epochs_to_match_single"] = epochs_to_match(ev["curve"], b["single"]["best_val_loss"], b["single"]["epochs"])
+    h["q0_beats_best_member"] = best_k["weighted"] < ev["best_single"]["val_loss"]
+    h["q0_beats_single_model"] = "single" in b and best_k["weighted"] < b["single"]["best_val_loss"]
+    h["q0_beats_ensemble"] = "ensemble" in b and best_k["weighted"] < b["ensemble"]["final_val_loss"]
+    return h
+
+
+def write_report(run) -> Path:
+    run = Path(run)
+    for f in ("eval.json", "prior.json"):
+        if not (run / f).is_file():
+            from .population import PriorError
+            raise PriorError(f"{run / f} not found: run `q0ds fit-prior` and `q0ds eval` first")
+    ev = json.loads((run / "eval.json").read_text())
+    prior = json.loads((run / "prior.json").read_text())
+    plots = run / "plots"
+    plot_val_vs_epochs(ev, plots / "val_vs_epochs.png")
+    plot_val_vs_k(ev, plots / "val_vs_k.png")
+    plot_prior_weights(prior, plots / "prior_weights.png")
+    metrics = run / "bases" / "base-00" / "metrics.jsonl"
+    if metrics.is_file():
+        plot_schedule(metrics, plots / "schedule.png")
+    h = headline(ev)
+    rep = {"headline": h, "eval": ev, "prior": {k: prior[k] for k in ("members", "weights", "fit_loss", "chosen", "baselines")},
+           "plots": sorted(str(p.relative_to(run)) for p in plots.glob("*.png"))}
+    atomic_write_text(run / "report.json", json.dumps(rep, indent=2))
+    atomic_write_text(run / "report.md", _markdown(run, ev, prior, h, rep["plots"]))
+    return run / "report.md"
+
+
+def _markdown(run, ev, prior, h, plots) -> str:
+    L = [f"# q0ds report: `{run}`", "",
+         f"{ev['members']} snapshots over {len({m.split('/')[0] for m in prior['members']})} base(s), "
+         f"{ev['epochs_spent']:.1f} epochs spent; validation set {ev['val_tokens']} tokens. Loss in nats/token.", "",
+         "## Headline", "",
+         f"- q0 top-{h['q0_best_topk']['k']} mixture: **{h['q0_best_topk']['val_loss']:.4f}**",
+         f"- best single q0 member: {h['q0_best_single_member']:.4f}"]
+    if "single_model_best" in h:
+        L.append(f"- single model baseline (best epoch {h['single_saturation_epoch']:.1f}): {h['single_model_best']:.4f}")
+    if "ensemble_baseline" in h:
+        e = h["epochs_to_match_ensemble"]
+        L.append(f"- independent ensemble baseline: {h['ensemble_baseline']:.4f}; epochs-to-match: "
+                 + (f"q0 reaches it at {e['q0_epochs']:.1f} epochs, **{e['ratio']:.2f}x** fewer" if e["ratio"] else "not reached"))
+    verdict = "beats" if h["q0_beats_best_member"] else "does NOT beat"
+    L += ["", f"The q0 mixture {verdict} its best single member"
+          + (f", {'beats' if h['q0_beats_single_model'] else 'does NOT beat'} the single-model baseline" if "single_model_best" in h else "")
+          + (f" and {'beats' if h['q0_beats_ensemble'] else 'does NOT beat'} the ensemble baseline" if "ensemble_baseline" in h else "")
+          + " on this data.", "", "## Validation loss vs K", "", "| K | prior-weighted | uniform top-K |", "|---|---|---|"]
+    L += [f"| {r['k']} | {r['weighted']:.4f} | {r['uniform_topk']:.4f} |" for r in ev["topk"]]
+    L += ["", f"Uniform over all members: {ev['uniform_all']:.4f}. Prior fit: {prior['chosen']}, "
+          f"fitness NLL {prior['fit_loss']:.4f} (uniform {prior['baselines']['uniform']:.4f}, best single {prior['baselines']['best_single']:.4f}).",
+          "", "## q0 as the budget grows", "", "| after cycle | epochs | members | val loss |", "|---|---|---|---|"]
+    L += [f"| {r['cycle']} | {r['epochs']:.1f} | {r['members']} | {r['val_loss']:.4f} |" for r in ev["curve"]]
+    L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(L)
