@@ -66,8 +66,8 @@ def parse_args(argv=None):
     ap.add_argument("--seq-len", type=int, default=0, help="0 = the preset's")
     ap.add_argument("--batch", type=int, default=0, help="global batch (sequences per step); 0 = the preset's")
     ap.add_argument("--micro-batch", type=int, default=0, help="0 = the preset's")
-    ap.add_argument("--rounds", type=int, default=6, help="round-robin rounds over the step-time variants")
-    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant per round")
+    ap.add_argument("--rounds", type=int, default=8, help="round-robin rounds over the step-time variants")
+    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before the rounds")
     ap.add_argument("--cycles", type=int, default=0, help="trainer cycles; 0 = the preset's")
     ap.add_argument("--cycle-steps", type=int, default=0, help="steps per cycle; 0 = the preset's 1 epoch")
@@ -332,9 +332,12 @@ def bench_cycles(cfg) -> dict:
     summary = {k: med(k) for k in ("train_steps_s", "loop_s", "end_cycle_s", "snapshot_scoring_s",
                                    "snapshot_scoring_frac", "end_cycle_frac", *END_PARTS)}
     by_kind = {kind: {"cycles": [r["cycle"] for r in sel], "snapshot_scoring_frac": med("snapshot_scoring_frac", sel),
-                      "end_cycle_frac": med("end_cycle_frac", sel), "train_steps_s": med("train_steps_s", sel)}
+                      "end_cycle_frac": med("end_cycle_frac", sel), "train_steps_s": med("train_steps_s", sel),
+                      "median_step_s": median([s["s"] for s in timer.steps if s["distilled"] == (kind == "distilled")])}
                for kind, sel in (("plain", [r for r in rows if not r["distilled"]]),
                                  ("distilled", [r for r in rows if r["distilled"]])) if sel}
+    if len(by_kind) == 2:      # a second, non-interleaved reading of the distillation cost, from the real loop
+        by_kind["distilled_vs_plain_step"] = by_kind["distilled"]["median_step_s"] / by_kind["plain"]["median_step_s"]
     steps_per_cycle = rows[0]["steps"] if rows else 0
     trained = steps_per_cycle * cfg.train.global_batch * seq
     return {"cycles": rows, "medians": summary, "by_kind": by_kind, "wall_s": wall,
@@ -375,6 +378,10 @@ def print_table(steps: dict, cycles: dict, targets: dict):
         print(f"  {p:<38}{m[p]:8.3f} s  ({100 * m[p] / m['train_steps_s']:.1f}%)")
     print(f"  snapshot+scoring                      {m['snapshot_scoring_s']:8.3f} s  ({100 * m['snapshot_scoring_frac']:.1f}%)")
     print(f"  whole _end_cycle                      {m['end_cycle_s']:8.3f} s  ({100 * m['end_cycle_frac']:.1f}%)")
+    k = cycles["by_kind"]
+    if "distilled_vs_plain_step" in k:
+        print(f"  trainer loop: distilled step {1e3 * k['distilled']['median_step_s']:.0f} ms vs plain "
+              f"{1e3 * k['plain']['median_step_s']:.0f} ms = {k['distilled_vs_plain_step']:.2f}x (not interleaved)")
     print("\ntargets")
     for k, t in targets.items():
         if t["target"] is not None:

@@ -65,7 +65,8 @@ DEFAULT_MAX_LENGTH = 2048          # HFLM's default when neither config nor toke
 
 
 class LMEvalError(ValueError):
-    """A user-facing configuration error (bad members, weights, K, tokenizers)."""
+    """A user-facing error in the mixture's arguments (members, weights, tokenizers). Problems with
+    RUN/prior.json or K raise q0ds.population.PriorError, as q0ds.ensemble does."""
 
 
 # --------------------------------------------------------------------------------------- members
@@ -85,16 +86,19 @@ def snapshot_path(run, member_id: str) -> Path:
 
 
 def resolve_run(run, k: int) -> tuple[list[str], list[Path], list[float]]:
-    """(member ids, snapshot dirs, renormalised weights) of the top-K members of RUN/prior.json."""
+    """(member ids, snapshot dirs, renormalised weights) of the top-K members of RUN/prior.json; the
+    snapshots' weights are checked against their snapshot.json (sha256), as q0ds.ensemble does."""
+    from .population import PriorError
     from .prior import read_prior_json, top_k
+    from .snapshot import verify
     path = Path(run) / "prior.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: fit the prior first (q0ds fit-prior --run {run})")
+    if not path.is_file():
+        raise PriorError(f"{path} not found: run `q0ds fit-prior --run {run}` first")
     prior = read_prior_json(path)
     members, M = prior["members"], len(prior["members"])
     k = int(k)
     if not 1 <= k <= M:
-        raise LMEvalError(f"k={k} is out of range: {path} has {M} member{'s' * (M != 1)}, so 1 <= k <= {M}")
+        raise PriorError(f"k={k} is out of range: {path} has {M} member{'s' * (M != 1)}, so 1 <= k <= {M}")
     row = prior["topk"].get(str(k))
     if row is not None:
         ids, weights = list(row["members"]), [float(w) for w in row["weights"]]
@@ -102,9 +106,8 @@ def resolve_run(run, k: int) -> tuple[list[str], list[Path], list[float]]:
         idx, w = top_k(prior["weights"], k)
         ids, weights = [members[i] for i in idx], w.tolist()
     dirs = [snapshot_path(run, m) for m in ids]
-    missing = [str(d) for d in dirs if not (d / "config.json").exists()]
-    if missing:
-        raise FileNotFoundError(f"snapshot dir(s) of prior.json members missing or incomplete: {missing}")
+    for d in dirs:
+        verify(d)
     return ids, dirs, weights
 
 
@@ -416,17 +419,12 @@ def _task_manager(tasks, include_path=None):
 
 
 def compact_results(res: dict) -> dict:
-    """{task: {metric: value}} from simple_evaluate's output; ",none" filter suffixes are dropped,
-    stderr values lm_eval could not compute ("N/A") become None."""
+    """{task: {metric: value}} from simple_evaluate's output. Only "metric,filter" entries are kept, the
+    ",none" filter suffix is dropped, and stderrs lm_eval could not compute ("N/A") become None."""
     out = {}
     for task, metrics in res["results"].items():
-        row = {}
-        for key, v in metrics.items():
-            if key == "alias":
-                continue
-            name = key[:-len(",none")] if key.endswith(",none") else key
-            row[name] = float(v) if isinstance(v, (int, float)) else None
-        out[task] = row
+        out[task] = {key.removesuffix(",none"): float(v) if isinstance(v, (int, float)) else None
+                     for key, v in metrics.items() if "," in key}
     return out
 
 

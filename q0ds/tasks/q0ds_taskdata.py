@@ -30,6 +30,7 @@ import inspect
 import json
 import random
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,7 +82,16 @@ def _norm(s: str) -> str:
 
 
 def _docstrings() -> list[tuple[str, str]]:
-    """(source, cleaned docstring) in a fixed order: module list order, then attribute name."""
+    """(source, cleaned docstring) in a fixed order, read in a fresh isolated interpreter: libraries
+    imported by the caller can monkeypatch stdlib functions (torch et al. replace inspect.getfile, for
+    one), which would change the items."""
+    p = subprocess.run([sys.executable, "-I", str(Path(__file__).resolve()), "--docstrings"],
+                       capture_output=True, text=True, check=True, encoding="utf-8")
+    return [tuple(x) for x in json.loads(p.stdout)]
+
+
+def _docstrings_here() -> list[tuple[str, str]]:
+    """_docstrings() in this interpreter: module list order, then attribute name."""
     out = []
     for m in MODULES:
         try:
@@ -209,4 +219,7 @@ def write(out_dir=HERE, seed: int = SEED) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(write(sys.argv[1] if len(sys.argv) > 1 else HERE), indent=1))
+    if sys.argv[1:] == ["--docstrings"]:
+        sys.stdout.write(json.dumps(_docstrings_here()))
+    else:
+        print(json.dumps(write(sys.argv[1] if len(sys.argv) > 1 else HERE), indent=1))

@@ -1,0 +1,102 @@
+"""A tiny `q0ds run` with 2 bases and both baselines, end to end through the deepspeed launcher; then the
+prior, the top-K mixture (checked against a direct computation from the loaded models), report and generate."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, embedded_data):
+    from q0ds.config import load_config, save_config
+    from q0ds.presets import preset_config
+    root = tmp_path_factory.mktemp("pop")
+    cfg = load_config(None, ["bases=2", "schedule.cycles=3", "schedule.cycle_steps=3", "distill.start_cycle=1"],
+                      base=preset_config("tiny", data=str(embedded_data), run_dir=str(root / "run")))
+    save_config(cfg, root / "tiny.json")
+    p = run_cli("run", "--config", root / "tiny.json", "--parallel", "2", "--baselines", "--ensemble-members", "2",
+                env={"Q0DS_NO_PROGRESS": "1"})
+    assert "report:" in p.stdout
+    return Path(cfg.run_dir), cfg
+
+
+def test_run_produces_population_prior_eval_and_report(run):
+    run_dir, cfg = run
+    prior = json.loads((run_dir / "prior.json").read_text())
+    assert len(prior["members"]) == 6 and {m.split("/")[0] for m in prior["members"]} == {"base-00", "base-01"}
+    assert sum(prior["weights"]) == pytest.approx(1.0)
+    assert prior["fit_loss"] <= min(prior["baselines"]["uniform"], prior["baselines"]["best_single"]) + 1e-9
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert [r["k"] for r in ev["topk"]] == [1, 2, 4, 6]
+    assert set(ev["baselines"]) == {"single", "ensemble"} and ev["baselines"]["ensemble"]["members"] == 2
+    assert ev["epochs_spent"] == pytest.approx(2 * 9 * cfg.train.global_batch / _windows(cfg))
+    rep = json.loads((run_dir / "report.json").read_text())
+    assert {"plots/val_vs_epochs.png", "plots/val_vs_k.png", "plots/prior_weights.png", "plots/schedule.png"} <= set(rep["plots"])
+    for p in rep["plots"]:
+        assert (run_dir / p).stat().st_size > 5000
+    assert "## Headline" in (run_dir / "report.md").read_text()
+
+
+def _windows(cfg):
+    from q0ds.data import PreparedData
+    return PreparedData.open(cfg.data).windows_per_epoch(cfg.train.seq_len)
+
+
+def test_topk_mixture_matches_direct_computation_from_models(run):
+    """eval.json's weighted K=2 loss == -mean log sum_i w_i p_i computed from the two loaded HF models."""
+    from q0ds.data import PreparedData
+    from q0ds.ensemble import MixtureLM
+    run_dir, cfg = run
+    ev = json.loads((run_dir / "eval.json").read_text())
+    row = next(r for r in ev["topk"] if r["k"] == 2)
+    lm = MixtureLM.from_run(run_dir, k=2)
+    assert [f"{d.parent.parent.name}/{d.name}" for d in lm.dirs] == row["members"]
+    prior = json.loads((run_dir / "prior.json").read_text())
+    assert lm.weights.tolist() == pytest.approx(prior["topk"]["2"]["weights"])
+    windows, mask = PreparedData.open(cfg.data).eval_windows("val", cfg.train.seq_len)
+    lp = torch.cat([lm.logprobs(windows[i:i + 16, :-1]).gather(-1, windows[i:i + 16, 1:, None]).squeeze(-1)
+                    for i in range(0, len(windows), 16)])
+    assert -lp[mask].double().mean().item() == pytest.approx(row["weighted"], abs=2e-5)
+
+
+def test_generate_and_k_errors(run):
+    run_dir, _ = run
+    p = run_cli("generate", "--run", run_dir, "--k", "2", "--prompt", "The import statement", "--max-new-tokens", "8")
+    assert p.stdout.startswith("The import statement")
+    p = run_cli("eval", "--run", run_dir, "--k", "1,7", check=False)
+    assert p.returncode == 2 and "larger than the population (6 members)" in p.stderr
+
+
+def test_corrupt_snapshot_is_refused_and_nothing_changes(run, tmp_path):
+    run_dir, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    victim = copy / "bases/base-01/snapshots/cycle-0001/model.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-10] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    before = (copy / "prior.json").read_bytes()
+    p = run_cli("fit-prior", "--run", copy, check=False)
+    assert p.returncode == 2 and "corrupt" in p.stderr and "cycle-0001" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert (copy / "prior.json").read_bytes() == before
+
+
+def test_fit_prior_refuses_mixed_fitness_sets_and_empty_runs(run, tmp_path):
+    run_dir, _ = run
+    p = run_cli("fit-prior", "--run", tmp_path / "empty", check=False)
+    assert p.returncode == 2 and "no scored snapshots" in p.stderr
+    copy = tmp_path / "mixed"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    meta_path = copy / "bases/base-00/snapshots/cycle-0000/snapshot.json"
+    meta = json.loads(meta_path.read_text())
+    meta["fitness_fingerprint"] = "somethingelse"
+    meta_path.write_text(json.dumps(meta))
+    p = run_cli("fit-prior", "--run", copy, check=False)
+    assert p.returncode == 2 and "different fitness sets" in p.stderr
