@@ -28,7 +28,13 @@ def _user_errors():
     from .trainer import NonFiniteLoss, ResumeError
     errs = [ConfigError, DataError, ModelError, SnapshotError, ResumeError, NonFiniteLoss, FileNotFoundError]
     from .population import PriorError
-    return tuple(errs + [PriorError])
+    errs.append(PriorError)
+    try:
+        from .lm_eval_adapter import LMEvalError
+        errs.append(LMEvalError)
+    except ImportError:            # lm_eval not installed: only `q0ds lm-eval` needs it
+        pass
+    return tuple(errs)
 
 
 def cmd_prepare(a):

@@ -249,6 +249,23 @@ def perturb_(engine, scale: float, seed: int) -> float:
     return sum(rel) / max(1, len(rel))
 
 
+def set_trained_weights_(engine, state_dict):
+    """Overwrite a trained (student) engine's weights with `state_dict`, which every rank holds in full: the
+    fp32 master, or the next step would undo the edit (section 5 recipe C), and the module copy. Adam moments
+    are untouched. Used to start a student from a snapshot (ensemble_distill.py, init=top1)."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+    r = rank()
+    for name, p in engine.module.named_parameters():
+        if name not in state_dict:
+            raise KeyError(f"state dict has no tensor {name!r} (different architecture?)")
+        value = state_dict[name].detach().float().to(p.device)
+        safe_set_full_fp32_param(p, value)
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if r == 0:
+                p.data.copy_(value.to(p.dtype))
+
+
 def full_fp32_params(engine) -> dict:
     """Every parameter's fp32 master, gathered (collective). For tests and checks."""
     from deepspeed.utils import safe_get_full_fp32_param

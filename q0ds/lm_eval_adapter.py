@@ -19,10 +19,12 @@ Python:
 
 q0ds CLI:   q0ds lm-eval --run RUN --k K --tasks q0ds_mc,q0ds_ppl [--include-path DIR] [--limit N]
 
-Raw lm_eval CLI with `q0mix` registered (lm_eval has no plugin flag, so this module wraps its CLI):
-    python -m q0ds.lm_eval_adapter --model q0mix --model_args run=runs/demo,k=4 \\
-        --tasks q0ds_mc,q0ds_ppl --include_path $(python -c 'import q0ds.lm_eval_adapter as a; print(a.TASKS_DIR)')
+Raw lm_eval CLI with `q0mix` registered (lm_eval has no plugin flag, so this module wraps its CLI). It adds
+`--include_path q0ds/tasks` when you give none (lm_eval takes one include path: yours replaces ours):
+    python -m q0ds.lm_eval_adapter --model q0mix --model_args run=runs/demo,k=4 --tasks q0ds_mc,q0ds_ppl \\
+        --device cpu --batch_size 8 --output_path out/
     --model_args 'pretrained=m1|m2,weights=0.5|0.5'   (commas split model_args, so lists use "|"; JSON works too)
+    python -m q0ds.lm_eval_adapter validate --tasks q0ds_mc,q0ds_ppl    (cheap check that the tasks load)
 
 Shipped tasks (q0ds/tasks/, see q0ds_taskdata.py there): `q0ds_mc` (next-sentence multiple choice, acc /
 acc_norm) and `q0ds_ppl` (rolling log-likelihood: word_perplexity, byte_perplexity, bits_per_byte), both on
@@ -45,6 +47,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -142,6 +145,16 @@ def check_shared_tokenizer(paths) -> None:
 
 
 # --------------------------------------------------------------------------------------- the model
+def _pick_device(device=None) -> str:
+    """`device`, or CUDA when present; the lm_eval CLI passes cuda:0 by default, even on CPU-only hosts."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        log.warning("q0mix: CUDA is not available, using the CPU instead of %s", device)
+        return "cpu"
+    return str(device)
+
+
 def _register(cls):
     # `python -m q0ds.lm_eval_adapter` executes this file as __main__; main() then imports the real module,
     # which registers the name. Registering __main__'s copy too would be a name collision in lm_eval.
@@ -192,21 +205,16 @@ class MixLM(TemplateLM):
         self.logits_cache = bool(logits_cache)
 
         # device (the lm_eval CLI passes cuda:0 by default, even on CPU-only machines)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            log.warning("q0mix: CUDA is not available, using the CPU instead of %s", device)
-            device = "cpu"
-        self._device = torch.device(device)
+        self._device = torch.device(_pick_device(device))
         self.offload = bool(offload) and self._device.type != "cpu"
         self.softmax_dtype = getattr(torch, softmax_dtype) if isinstance(softmax_dtype, str) else softmax_dtype
 
         # models with a non-zero weight, loaded now (see "Memory" in the module docstring)
-        self._active = [i for i, x in enumerate(self.weights) if x > 0]
-        self._log_w = [math.log(self.weights[i]) for i in self._active]
+        active = [i for i, x in enumerate(self.weights) if x > 0]
+        self._log_w = [math.log(self.weights[i]) for i in active]
         home = torch.device("cpu") if self.offload else self._device
         self._models = []
-        for i in self._active:
+        for i in active:
             m = AutoModelForCausalLM.from_pretrained(paths[i], dtype=dtype, trust_remote_code=trust_remote_code,
                                                      local_files_only=os.path.isdir(paths[i]))
             self._models.append(m.to(home).eval())
@@ -299,7 +307,7 @@ class MixLM(TemplateLM):
         return mix
 
     # ---- lm_eval API
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False):
         """HFLM._loglikelihood_tokens (causal branch) with the mixture in place of one model's log-softmax:
         same sort, same one-token-continuation sharing, same batches, same right padding, same slicing."""
         res = []
@@ -325,9 +333,7 @@ class MixLM(TemplateLM):
 
             for (request_str, ctx_tokens, _), logits, inplen, cont_toks in zip(
                     chunk, multi_logits, inplens, cont_toks_list, strict=True):
-                contlen = len(cont_toks)
-                ctx_len = inplen + (logits.shape[0] - padding_len_inp)
-                logits = logits[ctx_len - contlen:ctx_len].unsqueeze(0)      # [1, contlen, V]
+                logits = logits[inplen - len(cont_toks):inplen].unsqueeze(0)  # [1, contlen, V], no padding
                 greedy_tokens = logits.argmax(dim=-1)
                 for request_str, cont_toks, logits in re_ord.get_cache(
                         req_str=request_str, cxt_toks=ctx_tokens, cont_toks=cont_toks, logits=logits):
@@ -352,7 +358,7 @@ class MixLM(TemplateLM):
         scores = []
         for i in range(0, len(all_windows), self.batch_size):
             batch = all_windows[i:i + self.batch_size]
-            scores.extend(ll for ll, _ in self._loglikelihood_tokens(batch, override_bs=len(batch)))
+            scores.extend(ll for ll, _ in self._loglikelihood_tokens(batch))
         out, pos = [], 0
         for req, n in zip(requests, counts):
             total = sum(scores[pos:pos + n])
@@ -420,12 +426,12 @@ def _task_manager(tasks, include_path=None):
 
 def compact_results(res: dict) -> dict:
     """{task: {metric: value}} from simple_evaluate's output. Only "metric,filter" entries are kept, the
-    ",none" filter suffix is dropped, and stderrs lm_eval could not compute ("N/A") become None."""
-    out = {}
-    for task, metrics in res["results"].items():
-        out[task] = {key.removesuffix(",none"): float(v) if isinstance(v, (int, float)) else None
-                     for key, v in metrics.items() if "," in key}
-    return out
+    ",none" filter suffix is dropped; stderrs lm_eval could not compute ("N/A") and overflowed
+    perplexities (inf) become None."""
+    def num(v):
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None   # JSON has no inf
+    return {task: {key.removesuffix(",none"): num(v) for key, v in metrics.items() if "," in key}
+            for task, metrics in res["results"].items()}
 
 
 def _evaluate(lm, tasks, include_path, limit, log_samples=False, **kw) -> dict:
@@ -464,14 +470,14 @@ def run_lm_eval(run, k, tasks, include_path=None, limit=None, output=None, batch
     return doc
 
 
-def run_lm_eval_hf(snapshot_dir, tasks, include_path=None, limit=None, output=None, batch_size=4, device="cpu",
+def run_lm_eval_hf(snapshot_dir, tasks, include_path=None, limit=None, output=None, batch_size=4, device=None,
                    softmax_dtype="float32", **hf_kw) -> dict:
     """Evaluate one snapshot dir with lm_eval's own `hf` model (HFLM), for comparison with q0mix; the
     log-softmax runs in float32 as in q0mix. Writes `output` if given; returns the same compact form."""
     from lm_eval.models.huggingface import HFLM
     t0 = time.time()
-    lm = HFLM(pretrained=str(snapshot_dir), batch_size=batch_size, device=device, softmax_dtype=softmax_dtype,
-              **hf_kw)
+    lm = HFLM(pretrained=str(snapshot_dir), batch_size=batch_size, device=_pick_device(device),
+              softmax_dtype=softmax_dtype, **hf_kw)
     res = _evaluate(lm, tasks, include_path, limit)
     doc = _summary(res, t0, limit, model="hf", pretrained=str(snapshot_dir))
     if output:
@@ -479,10 +485,16 @@ def run_lm_eval_hf(snapshot_dir, tasks, include_path=None, limit=None, output=No
     return doc
 
 
-def main() -> None:
-    """lm_eval's CLI with q0mix registered (used by `python -m q0ds.lm_eval_adapter`)."""
+def main(argv=None) -> None:
+    """lm_eval's CLI with q0mix registered (used by `python -m q0ds.lm_eval_adapter`); with --tasks and
+    no --include_path, our shipped tasks dir is added as the include path."""
     import q0ds.lm_eval_adapter  # noqa: F401  (registers "q0mix")
     from lm_eval.__main__ import cli_evaluate
+    args = sys.argv[1:] if argv is None else list(argv)
+    flags = {a.split("=")[0] for a in args}
+    if "--tasks" in flags and "--include_path" not in flags:
+        args += ["--include_path", str(TASKS_DIR)]
+    sys.argv = [sys.argv[0]] + args
     cli_evaluate()
 
 

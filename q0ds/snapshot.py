@@ -11,6 +11,7 @@ and snapshot.json says `"scored": true` only when they are all there.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import atomic_write_text
+from .faults import crash_if
 
 
 class SnapshotError(ValueError):
@@ -63,6 +65,7 @@ def write_snapshot(out_dir, state_dict, model_config, tokenizer_dir, meta: dict)
             seen.add(v.data_ptr())
             tensors[k] = v.detach().contiguous().cpu()
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        crash_if("crash_in_snapshot", meta.get("cycle"))
         model_config.save_pretrained(tmp)
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file():
@@ -76,6 +79,12 @@ def write_snapshot(out_dir, state_dict, model_config, tokenizer_dir, meta: dict)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise SnapshotError(f"out of disk space while writing snapshot {out_dir} ({e}); earlier snapshots and the "
+                                "last checkpoint are intact: free space on that filesystem and relaunch to resume") from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,6 +25,7 @@ from . import engine as E
 from .config import ConfigError, RunConfig, atomic_write_text, save_config
 from .data import PreparedData
 from .distill import distill_loss
+from .faults import crash_if, fault
 from .model import build_config, build_model
 from .schedule import cycle_plan, multipliers, perturb_scale
 from .snapshot import snapshot_dir, token_logprobs, windows_fingerprint, write_scores, write_snapshot
@@ -159,9 +160,9 @@ class BaseTrainer:
                 self._end_cycle(cyc)
             elif self.step % self.cfg.train.ckpt_every == 0:
                 self._checkpoint()
-            if self._fault("crash_at_step") == self.step and self.rank == 0:
-                os.kill(os.getpid(), signal.SIGKILL)                        # test-only: a hard crash, no cleanup
-            if E.any_rank(self.signals.caught is not None or self._fault("preempt_at_step") == self.step):
+            if self.rank == 0:
+                crash_if("crash_at_step", self.step)
+            if E.any_rank(self.signals.caught is not None or fault("preempt_at_step") == self.step):
                 self._checkpoint()
                 self._print(f"pre-empted ({self.signals.caught or 'test'}) at step {self.step}: checkpoint written, exit {EXIT_PREEMPTED}")
                 return EXIT_PREEMPTED
@@ -172,28 +173,22 @@ class BaseTrainer:
         return 0
 
     def _train_step(self, cyc) -> dict:
-        t, d = self.cfg.train, self.cfg.distill
+        t = self.cfg.train
         self.sched.sync(self.step)
         lr_m, wd_m = self.sched.mults
         per_rank = cyc.batch // self.world
         n_micro = per_rank // t.micro_batch
         start = self.plan.sample_at(self.step) + self.rank * per_rank
         rows = self.data.train_samples(self.cfg.seed, self.base, start, per_rank, t.seq_len)
-        distilled = self.teacher is not None and cyc.index >= d.start_cycle
+        distilled = self._distilled(cyc)
         sums = torch.zeros(3)
         for i in range(n_micro):
             w = rows[i * t.micro_batch:(i + 1) * t.micro_batch].to(self.student.device)
             inputs, labels = w[:, :-1], w[:, 1:]
-            if self._fault("nan_at_step") == self.step:
-                labels = labels.clone()
             logits = self.student(input_ids=inputs).logits
-            if self._fault("nan_at_step") == self.step:
+            if fault("nan_at_step") == self.step:
                 logits = logits * float("nan")
-            t_logits = None
-            if distilled:
-                with torch.no_grad():
-                    t_logits = self.teacher(input_ids=inputs).logits
-            loss, parts = distill_loss(logits, t_logits, labels, d.alpha if distilled else 0.0, d.temperature)
+            loss, parts = self._loss(logits, inputs, labels, distilled)
             if E.any_rank(not torch.isfinite(loss).item()) and t.nan_policy == "stop":
                 raise NonFiniteLoss(f"non-finite loss at step {self.step} (cycle {cyc.index}, base {self.base}); "
                                     f"the last good checkpoint in {self.ckpt_dir} and all finished snapshots are intact. "
@@ -205,6 +200,19 @@ class BaseTrainer:
         sums /= n_micro * self.world
         return {"lr_mult": lr_m, "wd_mult": wd_m, "loss": sums[0].item(), "ce": sums[1].item(), "kl": sums[2].item(),
                 "distilled": distilled}
+
+    def _distilled(self, cyc) -> bool:
+        """Does this cycle learn from a teacher? (Hook: ensemble_distill.py's teacher is the top-K mixture.)"""
+        return self.teacher is not None and cyc.index >= self.cfg.distill.start_cycle
+
+    def _loss(self, logits, inputs, labels, distilled: bool):
+        """CE, or chain distillation from the previous snapshot (hook: ensemble_distill.py)."""
+        d = self.cfg.distill
+        t_logits = None
+        if distilled:
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=inputs).logits
+        return distill_loss(logits, t_logits, labels, d.alpha if distilled else 0.0, d.temperature)
 
     # ------------------------------------------------------------ cycle end: the q0 event order
     def _end_cycle(self, cyc):
@@ -239,7 +247,7 @@ class BaseTrainer:
         lr_m, wd_m = multipliers(self.step - 1, self.plan, self.cfg.schedule)
         return {"base": self.base, "cycle": cyc.index, "step": self.step, "epoch": self.plan.epoch_at(self.step),
                 "tokens_seen": self.plan.sample_at(self.step) * self.cfg.train.seq_len,
-                "lr_mult": lr_m, "wd_mult": wd_m, "distilled": self.teacher is not None and cyc.index >= self.cfg.distill.start_cycle,
+                "lr_mult": lr_m, "wd_mult": wd_m, "distilled": self._distilled(cyc),
                 "teacher": f"base-{self.base:02d}/cycle-{cyc.index - 1:04d}" if self.teacher_cycle is not None else None,
                 "seed": self.seed, "run_config": self.cfg.fingerprint(), "data": self.data.fingerprint,
                 "fitness_fingerprint": self.fitness_fingerprint,
@@ -259,7 +267,7 @@ class BaseTrainer:
     # ------------------------------------------------------------ checkpoints and resume
     def _client_state(self) -> dict:
         return {"step": self.step, "rng": _rng_state(), "world_size": self.world, "rank": self.rank,
-                "config": self.cfg.fingerprint(), "data": self.data.fingerprint, "teacher_cycle": self.teacher_cycle,
+                "config": self.cfg.fingerprint(), "config_dict": self.cfg.to_dict(), "data": self.data.fingerprint, "teacher_cycle": self.teacher_cycle,
                 "plan_steps": self.plan.total_steps, "version": 1}
 
     def _checkpoint(self):
@@ -267,6 +275,7 @@ class BaseTrainer:
         E.save_checkpoint(self.student, self.ckpt_dir, tag, self._client_state())
         E.barrier()
         if self.rank == 0:
+            crash_if("crash_in_checkpoint", self.step)
             atomic_write_text(self.ckpt_dir / tag / COMPLETE, json.dumps({"step": self.step, "world_size": self.world}))
             _rotate(self.ckpt_dir, self.cfg.train.keep_ckpts)
         E.barrier()
@@ -286,10 +295,14 @@ class BaseTrainer:
         except Exception as e:
             raise ResumeError(f"checkpoint {self.ckpt_dir / tag} could not be loaded ({type(e).__name__}: {e}); "
                               f"delete that dir to fall back to the previous checkpoint") from e
-        for key, mine, what in (("config", self.cfg.fingerprint(), "run config"), ("data", self.data.fingerprint, "prepared data")):
-            if cs.get(key) != mine:
-                raise ResumeError(f"checkpoint {self.ckpt_dir / tag} was written with a different {what} "
-                                  f"({cs.get(key)} vs {mine}); restore it or use a new run_dir")
+        differs = [what for key, mine, what in (("data", self.data.fingerprint, "prepared data"),
+                                                 ("config", self.cfg.fingerprint(), "run config"))
+                   if cs.get(key) != mine]
+        if differs:
+            keys = [k for k in _diff(cs.get("config_dict", {}), self.cfg.to_dict()) if k != "run_dir"]
+            raise ResumeError(f"checkpoint {self.ckpt_dir / tag} was written with a different {' and '.join(differs)}"
+                              + (f" (changed: {', '.join(keys)})" if keys else "")
+                              + "; restore the original or use a new run_dir")
         self.step = cs["step"]
         _set_rng_state(cs["rng"])
         self.sched.sync(self.step)
@@ -347,16 +360,6 @@ class BaseTrainer:
     def _print(self, msg: str):
         if self.rank == 0:
             print(f"[q0ds] {msg}", flush=True)
-
-    @staticmethod
-    def _fault(name: str):
-        """Test-only fault injection: Q0DS_FAULT='nan_at_step=5,preempt_at_step=7,crash_at_step=4,crash_in=snapshot'."""
-        spec = os.environ.get("Q0DS_FAULT", "")
-        for item in filter(None, spec.split(",")):
-            k, _, v = item.partition("=")
-            if k == name:
-                return int(v)
-        return None
 
 
 def train_base(cfg: RunConfig, base: int) -> int:

@@ -11,7 +11,7 @@ import torch
 from conftest import read_jsonl, run_launcher
 
 OVERRIDES = ["schedule.cycles=4", "schedule.cycle_steps=3", "distill.start_cycle=2", "train.ckpt_every=2",
-             "train.verify_teacher=true", "train.micro_batch=2", "train.global_batch=8"]
+             "train.verify_teacher=true", "train.micro_batch=2", "train.global_batch=8", "train.small_batch=4"]
 
 
 def snapshot_hashes(run_dir):
@@ -70,6 +70,7 @@ def test_metrics_show_sawtooth_wd_antiphase_and_distillation(straight):
         assert r["lr_mult"] == pytest.approx(0.08 + 0.92 * (1 - s / 3))
         assert r["wd_mult"] == pytest.approx(0.7 + 0.3 * (1 - r["lr_mult"]) / 0.92)
         assert (r["kl"] > 0) == (r["cycle"] >= 2) and r["distilled"] == (r["cycle"] >= 2)
+        assert r["batch"] == (8 if r["cycle"] in (1, 2) else 4)      # block-triangular batch schedule
     teacher = [r for r in recs if r.get("event") == "teacher"]
     assert [t["cycle"] for t in teacher] == [1, 2], "teacher must hold snapshot c-1 from cycle distill_start on"
     assert all(t["max_abs_diff"] == 0.0 for t in teacher)
@@ -77,7 +78,8 @@ def test_metrics_show_sawtooth_wd_antiphase_and_distillation(straight):
     assert [p["cycle"] for p in perturb] == [0, 1, 2] and perturb[0]["scale"] == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize("fault", ["preempt_at_step=7", "crash_at_step=8"])
+@pytest.mark.parametrize("fault", ["preempt_at_step=7", "crash_at_step=8", "crash_in_snapshot=2",
+                                   "crash_in_checkpoint=8"])
 def test_interrupted_run_resumes_exactly(straight, fault):
     config, cfg = straight
     name = fault.split("=")[0]
@@ -87,6 +89,7 @@ def test_interrupted_run_resumes_exactly(straight, fault):
     if name == "preempt":
         assert "pre-empted" in first.stdout + first.stderr
     assert len(snapshot_hashes(other.run_dir)) < 4
+    assert not (Path(other.run_dir) / "bases/base-00/done.json").exists()
     run_launcher(path, 0)                              # relaunch: resumes from the newest complete checkpoint
     assert snapshot_hashes(other.run_dir) == snapshot_hashes(cfg.run_dir)
     assert step_losses(other.run_dir) == step_losses(cfg.run_dir)

@@ -10,7 +10,6 @@ import math
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +45,20 @@ def _model(out, tok, seed):
     return str(out)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_lm_eval():
+    """These models are tiny: one intra-op thread is faster, and does not stall on a busy 2-core box.
+    simple_evaluate() also runs torch's collect_env (`pip list` and more in subprocesses, 2-8 s) on every
+    call, for a provenance field no test reads."""
+    import lm_eval.evaluator
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
+        yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """m1, m2: same tokenizer, seeds 1 and 2; m3: a tokenizer trained on other text."""
@@ -63,7 +76,8 @@ def _eval(lm, tasks, limit):
 
 
 def _resps(res, task):
-    return [[tuple(r) if isinstance(r, list) else r for r in s["resps"]] for s in res["samples"][task]]
+    """Every request's raw answer, in order: [(loglikelihood, is_greedy)] or [loglikelihood]."""
+    return [s["resps"] for s in res["samples"][task]]
 
 
 # ----------------------------------------------------------------------------------------- shipped tasks
@@ -102,14 +116,14 @@ def test_weights_1_0_reproduce_hf_exactly(tiny):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
     from q0ds.lm_eval_adapter import MixLM, compact_results
-    tasks, limit = ["q0ds_mc", "q0ds_ppl"], 12
+    tasks, limit = ["q0ds_mc", "q0ds_ppl"], 6
     hf = _eval(HFLM(pretrained=tiny["m1"], batch_size=4, device="cpu", max_length=MAXLEN), tasks, limit)
     mix = _eval(MixLM(pretrained=f"{tiny['m1']}|{tiny['m2']}", weights="1|0", max_length=MAXLEN), tasks, limit)
     for t in tasks:
         assert _resps(mix, t) == _resps(hf, t), t                       # every request, bit for bit
     assert compact_results(mix) == compact_results(hf)
     tok = AutoTokenizer.from_pretrained(tiny["m1"])                      # several rolling windows per doc
-    assert min(len(tok.encode(s["doc"]["text"])) for s in hf["samples"]["q0ds_ppl"]) > 2 * MAXLEN
+    assert min(len(tok.encode(s["doc"]["text"])) for s in hf["samples"]["q0ds_ppl"]) > MAXLEN
 
 
 # ----------------------------------------------------------------------------------------- the mixture
@@ -139,8 +153,7 @@ def test_mixture_matches_bruteforce(tiny):
 
     # multiple choice: every (context, choice) request of 3 docs
     for s in res["samples"]["q0ds_mc"]:
-        for args, (ll, greedy) in zip(s["arguments"].values(), _resps(res, "q0ds_mc")[s["doc_id"]]):
-            ctx_s, cont_s = args["arg_0"], args["arg_1"]
+        for (ctx_s, cont_s), [(ll, greedy)] in zip(s["arguments"], s["resps"]):
             whole, ctx = tok.encode(ctx_s + cont_s), tok.encode(ctx_s)
             ref, ref_greedy = _brute_ll(dirs, w, ctx, whole[len(ctx):])
             assert abs(ll - ref) <= 1e-5 * max(1.0, abs(ref)), (ll, ref)
@@ -207,8 +220,13 @@ def test_run_k_resolution(fake_run):
     assert lm.weights == pytest.approx([5 / 8, 3 / 8])
 
 
-def test_run_lm_eval_writes_compact_json(fake_run, tiny):
-    from q0ds.lm_eval_adapter import MixLM, run_lm_eval
+def test_run_lm_eval_writes_compact_json(fake_run, tiny, tmp_path):
+    from q0ds.lm_eval_adapter import MixLM, run_lm_eval, run_lm_eval_hf
+    # K=1 is the top member alone: the same numbers as lm_eval's `hf` model on that snapshot
+    top = run_lm_eval(fake_run, k=1, tasks=["q0ds_mc", "q0ds_ppl"], limit=2, output=tmp_path / "k1.json")
+    hf = run_lm_eval_hf(fake_run / "bases/base-00/snapshots/cycle-0001", ["q0ds_mc", "q0ds_ppl"], limit=2)
+    assert top["tasks"] == hf["tasks"] and json.loads((tmp_path / "k1.json").read_text()) == top
+
     doc = run_lm_eval(fake_run, k=2, tasks="q0ds_mc", limit=4)
     saved = json.loads((fake_run / "lm_eval_k2.json").read_text())
     assert saved == doc
@@ -256,11 +274,10 @@ def test_lm_eval_cli_with_q0mix(tiny, fake_run, tmp_path):
     """`python -m q0ds.lm_eval_adapter` is lm_eval's CLI with q0mix registered; `q0ds lm-eval` wraps run_lm_eval."""
     import subprocess
     from conftest import run_cli
-    from q0ds.lm_eval_adapter import TASKS_DIR
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     p = subprocess.run([sys.executable, "-m", "q0ds.lm_eval_adapter", "--model", "q0mix", "--model_args",
                         f"pretrained={tiny['m1']}|{tiny['m2']},weights=0.5|0.5", "--tasks", "q0ds_mc",
-                        "--include_path", str(TASKS_DIR), "--limit", "4", "--batch_size", "2",
+                        "--limit", "4", "--batch_size", "2",                # --include_path: added for us
                         "--output_path", str(tmp_path / "out")],
                        cwd=tmp_path, env=env, text=True, capture_output=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

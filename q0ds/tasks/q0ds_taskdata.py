@@ -7,8 +7,9 @@ that also occurs in that corpus is dropped, so neither task rewards memorising t
 
 - q0ds_mc (multiple_choice, acc / acc_norm): "which sentence comes next". The context is one or more
   consecutive sentences of a docstring paragraph (<= 300 chars); the right choice is the sentence that
-  follows it; the 3 distractors are sentences from docstrings of *other* modules with a similar length
-  (0.67x to 1.5x), so sentence length gives little away. Choice order is shuffled. 200 items.
+  follows it; the 3 distractors are sentences from docstrings of *other* modules, with lengths drawn
+  so that the answer is no more likely than a distractor to be the shortest, longest or middle choice
+  (length gives little away). Choice order is shuffled. 200 items.
 - q0ds_ppl (loglikelihood_rolling, word_perplexity / byte_perplexity / bits_per_byte): 30 whole docstrings
   of 600 to 2500 characters.
 
@@ -24,10 +25,12 @@ Everything is seeded (SEED); the same interpreter always writes byte-identical f
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import importlib
 import inspect
 import json
+import math
 import random
 import re
 import subprocess
@@ -147,6 +150,21 @@ def _corpus_text() -> str:
     return _norm("\n".join(embedded_documents()))
 
 
+def _distractors(rng, pool, lengths, ans, mod, ctx, n=3, spread=0.3):
+    """n sentences from other modules whose lengths look like draws from the same distribution as the
+    answer's: a centre c = len(answer) * e^u, then each distractor near c * e^v (u, v ~ U(-spread, spread)),
+    so the answer is as likely as any distractor to be the shortest or the longest choice."""
+    out, centre = [], len(ans) * math.exp(rng.uniform(-spread, spread))
+    for _ in range(20 * n):
+        i = bisect.bisect_left(lengths, centre * math.exp(rng.uniform(-spread, spread)))
+        _, m, s = pool[rng.randrange(max(0, i - 4), min(len(pool), i + 4))]   # one of the 8 nearest
+        if m != mod and s != ans and s not in out and s not in ctx:
+            out.append(s)
+            if len(out) == n:
+                return out
+    return None
+
+
 def build(seed: int = SEED, n_mc: int = N_MC, n_ppl: int = N_PPL) -> tuple[list[dict], list[dict]]:
     """(mc_rows, ppl_rows), deterministic for a given interpreter."""
     rng = random.Random(seed)
@@ -159,7 +177,8 @@ def build(seed: int = SEED, n_mc: int = N_MC, n_ppl: int = N_PPL) -> tuple[list[
         for p in _prose_paragraphs(doc):
             sents = [s for s in _sentences(p) if s not in corpus]
             paragraphs.append((src.split(".")[0], src, sents))
-    pool = sorted({(mod, s) for mod, _, sents in paragraphs for s in sents if _good_sentence(s)})
+    pool = sorted({(len(s), mod, s) for mod, _, sents in paragraphs for s in sents if _good_sentence(s)})
+    lengths = [n for n, _, _ in pool]
 
     # candidate items: a sentence that follows 1+ sentences of the same paragraph
     cands, seen_answers = [], set()
@@ -182,11 +201,10 @@ def build(seed: int = SEED, n_mc: int = N_MC, n_ppl: int = N_PPL) -> tuple[list[
     for mod, src, ctx, ans in cands:
         if per_module.get(mod, 0) >= MAX_PER_MODULE:
             continue
-        lo, hi = len(ans) / 1.5, len(ans) * 1.5
-        others = [s for m, s in pool if m != mod and lo <= len(s) <= hi and s != ans and s not in ctx]
-        if len(others) < 3:
+        others = _distractors(rng, pool, lengths, ans, mod, ctx)
+        if others is None:
             continue
-        choices = rng.sample(others, 3) + [ans]
+        choices = others + [ans]
         rng.shuffle(choices)
         mc.append({"id": len(mc), "source": src, "context": ctx, "choices": choices,
                    "label": choices.index(ans)})
@@ -197,8 +215,9 @@ def build(seed: int = SEED, n_mc: int = N_MC, n_ppl: int = N_PPL) -> tuple[list[
     # perplexity documents: whole docstrings, none of whose paragraphs occur in the training corpus
     ppl_cands = [(src, doc) for src, doc in docs if PPL_CHARS[0] <= len(doc) <= PPL_CHARS[1]
                  and not any(len(_norm(p)) >= 40 and _norm(p) in corpus for p in re.split(r"\n\s*\n", doc))]
-    ppl = [{"id": i, "source": src, "text": doc}
-           for i, (src, doc) in enumerate(rng.sample(ppl_cands, min(n_ppl, len(ppl_cands))))]
+    # a random stream of its own, so that changes to the MC items do not reshuffle the PPL documents
+    picked = random.Random(seed + 1).sample(ppl_cands, min(n_ppl, len(ppl_cands)))
+    ppl = [{"id": i, "source": src, "text": doc} for i, (src, doc) in enumerate(picked)]
     return mc, ppl
 
 

@@ -1,0 +1,23 @@
+"""Test-only fault injection, read from the environment: Q0DS_FAULT="nan_at_step=5,crash_in_snapshot=1".
+
+Points: nan_at_step=S (the loss of step S becomes NaN), preempt_at_step=S (as if SIGUSR1 arrived),
+crash_at_step=S (SIGKILL after step S), crash_in_snapshot=C (SIGKILL with cycle C's weights half-written),
+crash_in_checkpoint=S (SIGKILL after DeepSpeed wrote checkpoint S but before it was marked complete).
+Unset in normal runs; each check is one dict lookup.
+"""
+import os
+import signal
+
+
+def fault(name: str):
+    for item in filter(None, os.environ.get("Q0DS_FAULT", "").split(",")):
+        key, _, value = item.partition("=")
+        if key == name:
+            return int(value)
+    return None
+
+
+def crash_if(name: str, value) -> None:
+    """SIGKILL this process (no cleanup, like kill -9 or a node failure) when the fault is armed for `value`."""
+    if fault(name) == value:
+        os.kill(os.getpid(), signal.SIGKILL)
