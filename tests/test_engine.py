@@ -24,8 +24,13 @@ def _zero_loss_step(engine, ids):
     E.micro_step(engine, loss, 1, last=True)
 
 
-def test_wd_multiplier_reaches_the_update(setup):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_wd_multiplier_reaches_the_update(setup, optimizer):
     cfg, mc, ds = setup
+    if optimizer == "muon":                  # DeepSpeed's MuonWithAuxAdam: Muon on matrices, Adam on the rest
+        cfg = load_config(None, ["optim.name=muon", "optim.muon_lr=0.1"], base=cfg.to_dict())
+        ds = E.student_ds_config(E.load_ds_config(cfg.ds_config), cfg, 1)
+        assert ds["zero_optimization"]["reduce_scatter"] is False and ds["optimizer"]["type"] == "Muon"
     mults = {0: (1.0, 0.5), 1: (1.0, 1.0), 2: (2.0, 0.5), 3: (1.0, 0.0)}
     eng, sched = E.make_student(build_model(mc, 0), ds, cfg.optim, lambda s: mults.get(s, (0.0, 0.0)))
     ids = torch.randint(0, 128, (4, 16))
@@ -40,6 +45,22 @@ def test_wd_multiplier_reaches_the_update(setup):
         assert torch.allclose(ratio, torch.full_like(ratio, expected), atol=1e-6), (step, ratio[:3])
         norm = "model.layers.0.input_layernorm.weight"        # 1-D: no decay in any step
         assert torch.equal(after[norm], before[norm])
+    if optimizer == "muon":
+        assert any(g.get("use_muon") for g in eng.optimizer.param_groups)
+
+
+def test_muon_trains_under_zero3(setup):
+    cfg, mc, _ = setup
+    cfg = load_config(None, ["optim.name=muon", "optim.muon_lr=0.02", "optim.lr=0.003"], base=cfg.to_dict())
+    ds = E.student_ds_config(E.load_ds_config(cfg.ds_config), cfg, 1)
+    eng, sched = E.make_student(build_model(mc, 4), ds, cfg.optim, lambda s: (1.0, 1.0))
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(8):
+        loss = eng(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        E.micro_step(eng, loss, 1, last=True)
+    assert losses[-1] < losses[0] - 0.3, losses
 
 
 def test_perturbation_lands_in_master_and_survives_a_step(setup):
