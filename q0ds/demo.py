@@ -13,8 +13,10 @@ from pathlib import Path
 from .config import load_config, save_config
 from .presets import preset_config
 
-# The demo's budget, sized with cpu-scale.md: 2 bases x 6 one-epoch cycles = 12 epochs of the `small` model.
-DEMO = ["bases=2", "schedule.cycles=6", "schedule.cycle_epochs=1.0", "distill.start_cycle=2"]
+# The demo's budget, sized with cpu-scale.md: a training split cut to ~40k tokens so that a single model
+# saturates within the budget, and 2 bases x 12 one-epoch cycles = 24 epochs of the `small` model.
+TRAIN_TOKENS = 40000
+DEMO = ["bases=2", "schedule.cycles=12", "schedule.cycle_epochs=1.0", "distill.start_cycle=2"]
 QUICK = ["bases=2", "schedule.cycles=3", "schedule.cycle_epochs=0.25", "distill.start_cycle=1",
          "train.seq_len=64", "train.global_batch=16"]
 
@@ -27,7 +29,7 @@ def demo(out="runs/demo", quick: bool = False) -> int:
     data = out / "data"
     if not (data / "meta.json").is_file():
         print("[q0ds demo] 1/4 preparing the embedded corpus (CPython's documentation topics, PSF license)")
-        prepare(data, embedded=True, vocab_size=2048)
+        prepare(data, embedded=True, vocab_size=2048, max_train_tokens=TRAIN_TOKENS)
     PreparedData.open(data)
     config = out / "config.json"
     cfg = load_config(None, QUICK if quick else DEMO, base=preset_config("small", data=str(data.resolve()), run_dir=str(out)))

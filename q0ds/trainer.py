@@ -139,12 +139,10 @@ class BaseTrainer:
         self.fitness_fingerprint = windows_fingerprint(self.fitness) if self.fitness else None
         self.signals = _Signals()
         self.step = 0
+        self._last_checkpoint = None
 
     # ------------------------------------------------------------ the loop
     def train(self) -> int:
-        if (self.dir / "done.json").is_file():
-            self._print(f"base {self.base} already complete ({self.dir / 'done.json'})")
-            return 0
         self._resume()
         bar = self._progress()
         t_last = time.time()
@@ -163,7 +161,8 @@ class BaseTrainer:
             if self.rank == 0:
                 crash_if("crash_at_step", self.step)
             if E.any_rank(self.signals.caught is not None or fault("preempt_at_step") == self.step):
-                self._checkpoint()
+                if self._last_checkpoint != self.step:
+                    self._checkpoint()
                 self._print(f"pre-empted ({self.signals.caught or 'test'}) at step {self.step}: checkpoint written, exit {EXIT_PREEMPTED}")
                 return EXIT_PREEMPTED
         if self.rank == 0:
@@ -272,6 +271,7 @@ class BaseTrainer:
 
     def _checkpoint(self):
         tag = f"step-{self.step:08d}"
+        self._last_checkpoint = self.step
         E.save_checkpoint(self.student, self.ckpt_dir, tag, self._client_state())
         E.barrier()
         if self.rank == 0:
@@ -303,7 +303,7 @@ class BaseTrainer:
             raise ResumeError(f"checkpoint {self.ckpt_dir / tag} was written with a different {' and '.join(differs)}"
                               + (f" (changed: {', '.join(keys)})" if keys else "")
                               + "; restore the original or use a new run_dir")
-        self.step = cs["step"]
+        self.step = self._last_checkpoint = cs["step"]
         _set_rng_state(cs["rng"])
         self.sched.sync(self.step)
         self.teacher_cycle = cs["teacher_cycle"]
@@ -363,6 +363,11 @@ class BaseTrainer:
 
 
 def train_base(cfg: RunConfig, base: int) -> int:
+    done = base_dir(cfg, base) / "done.json"
+    if done.is_file():                       # before any engine is built: relaunching a finished base is free
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"[q0ds] base {base} already complete ({done})", flush=True)
+        return 0
     trainer = BaseTrainer(cfg, base)
     code = trainer.train()
     E.finish()
