@@ -90,9 +90,9 @@ def plot_schedule(metrics_path, path):
     steps = [r["step"] for r in recs]
     ax.plot(steps, [r["lr_mult"] for r in recs], label="LR multiplier")
     ax.plot(steps, [r["wd_mult"] for r in recs], label="WD multiplier")
-    for r in recs:
-        if r.get("kl", 0) > 0:
-            ax.axvline(r["step"], color="C2", alpha=0.04)
+    distilled = [r["step"] for r in recs if r.get("distilled")]
+    if distilled:
+        ax.axvspan(distilled[0] - 0.5, distilled[-1] + 0.5, color="C2", alpha=0.08)
     ax.set_xlabel("optimizer step (base 0)")
     ax.set_title("Sawtooth LR with anti-phase WD (green: distilled steps)")
     ax.legend()
