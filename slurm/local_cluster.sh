@@ -10,28 +10,39 @@
 #              Q0DS_SLURM_TIMEOUT (seconds to wait for the node to go idle, default 90),
 #              Q0DS_SLURM_CPUS / Q0DS_SLURM_MEM_MB (node size; default nproc / `free -m` total).
 #
-# What we learned running it (Debian 12, slurm-wlm 22.05.8, 2 cores, in a container):
-# - Install: apt postinst scripts try to start munge/slurmd; we put a temporary
-#   /usr/sbin/policy-rc.d (exit 101) in place during the install when none exists, so nothing
-#   starts behind our back, and remove it afterwards. Debian ships no /etc/slurm/slurm.conf.
-# - Safety: we refuse to start if a slurmctld or slurmd runs that we did not start, and if an
-#   /etc/slurm/slurm.conf exists that we did not write we move it aside to the state dir and
-#   put it back on `stop`. Our conf carries a marker line so we recognise it.
-# - Everything mutable (pid files, logs, StateSaveLocation, SlurmdSpoolDir) lives in the state
-#   dir, so `stop` + `rm -rf` of that dir leaves the machine as it was. slurmctld starts with -c
-#   (clean state: job ids restart at 1, no stale jobs from a previous start).
-# - SlurmdParameters=config_overrides: slurmd trusts CPUs/RealMemory from the conf instead of
-#   draining the node when its own probe differs slightly (free -m vs. slurmd -C).
-# - Two 1-CPU array tasks run side by side on 2 CPUs; OverSubscribe=YES additionally lets jobs
-#   that ask for --oversubscribe share cores.
-# - Signals: `--signal=B:USR1@S` is delivered by slurmctld's periodic time-limit check, so it
-#   may come up to a minute early or late; for a deterministic test use
-#   `scancel --signal=USR1 --batch JOBID`, which reaches the batch shell (only the shell, not its
-#   children), exactly what --signal=B: does. See slurm/q0_bases.sh for the forwarding.
-# - `scontrol requeue JOBID` from inside the running batch script works (the job must have been
-#   submitted with --requeue or JobRequeue=1): the job is killed, goes back to PENDING with
-#   Restarts=1 and reason BeginTime, and is eligible again after a short delay (measured and
-#   noted in tests/test_slurm.py).
+# What we learned running it (Debian 12, slurm-wlm 22.05.8, 2 cores, 24 GB, in a container without systemd):
+# - Timings: install from scratch (apt-get update + install, 8 packages, 3 MB) ~25 s; start to an idle
+#   node ~1 s.
+# - Install: postinst scripts try to start munge/slurmd/slurmctld; we put a temporary
+#   /usr/sbin/policy-rc.d (exit 101) in place during the install when none exists, so nothing starts
+#   behind our back, and remove it afterwards. Debian's munge package creates /etc/munge/munge.key;
+#   Debian ships no /etc/slurm/slurm.conf.
+# - munged runs as user munge and cannot write into our root-owned state dir: its pid file stays in
+#   /run/munge and we copy the pid.
+# - Safety: we refuse to start if a slurmctld or slurmd runs that we did not start; an existing
+#   /etc/slurm/slurm.conf that we did not write (no marker line) is moved aside into the state dir and
+#   put back by `stop`. `stop` kills only the pids recorded here (checked against /proc/PID/comm).
+# - Everything mutable (pid files, logs, StateSaveLocation, SlurmdSpoolDir) lives in the state dir.
+#   slurmctld starts with -c (clean state: job ids restart at 1, no stale jobs from an earlier start).
+# - SlurmdParameters=config_overrides: slurmd trusts CPUs/RealMemory from the conf instead of draining
+#   the node when its own probe differs slightly (free -m vs. slurmd -C).
+# - Two 1-CPU array tasks run side by side on 2 CPUs (CR_Core); OverSubscribe=YES additionally lets
+#   jobs that ask for --oversubscribe share cores.
+# - --gpus-per-node=N in an #SBATCH header is accepted here but the job pends forever (no GPUs), and
+#   --gpus-per-node=0 on the command line is rejected ("Invalid generic resource"): keep GPU requests
+#   out of headers (slurm/submit.sh adds them).
+# - Signals: `--signal=B:USR1@S` is sent by slurmctld's periodic time-limit check, so it comes early
+#   and imprecisely (--time=1 --signal=B:USR1@40 arrived 11 s after the start; --time=2 @100 after 13 s).
+#   `scancel --signal=USR1 --batch JOB` is immediate and, like B:, reaches only the batch shell, not its
+#   children; tests use it.
+# - `scontrol requeue JOB` (or ARRAYJOB_TASK) from inside the running batch script works (JobRequeue=1
+#   or --requeue): SLURM kills the job (SIGTERM to the script), the job goes back to PENDING with
+#   Restarts=1, reason BeginTime, and is held ~120 s before it may start again;
+#   `scontrol update JobId=J StartTime=now` releases it at once (tests do that).
+# - A requeue issued while a job is being cancelled (scancel) brings the cancelled job back. So the
+#   batch script must not requeue after SIGTERM.
+# - A requeued job keeps its job id; SLURM_RESTART_COUNT is set in the rerun; with --open-mode=append
+#   both runs land in the same log.
 set -euo pipefail
 
 STATE_DIR=${Q0DS_SLURM_STATE:-/tmp/q0ds-local-slurm}
@@ -115,6 +126,7 @@ start_munge() {
 write_conf() {
     local host cpus mem
     host=$(hostname -s)
+    getent hosts "$host" >/dev/null || die "hostname $host does not resolve; add it to /etc/hosts"
     cpus=${Q0DS_SLURM_CPUS:-$(nproc)}
     mem=${Q0DS_SLURM_MEM_MB:-$(free -m | awk '/^Mem:/ {print $2}')}
     mkdir -p /etc/slurm "$STATE_DIR/ctld" "$STATE_DIR/d"

@@ -20,6 +20,7 @@
 #                        sharing a node differ; 20000-29999 stays below Linux's ephemeral port range)
 #   Q0DS_USE_SRUN        1: start the launcher through srun even on one node (multi-node always does)
 #   Q0DS_BASE            base index when not submitted as an array
+#   Q0DS_RESEND_SECONDS  repeat a forwarded SIGUSR1 this often until the launcher exits (default 30)
 #
 # GPUs and CPUs are not in the header: an #SBATCH --gpus-per-node cannot be undone from the command line on
 # a cluster without GPUs (`--gpus-per-node=0` is rejected there), so submit.sh adds them (unless Q0DS_CPU=1).
@@ -32,12 +33,18 @@
 #   - deepspeed.launcher.launch handles SIGINT/SIGTERM by terminating all ranks (30 s grace, then SIGKILL)
 #     and has no SIGUSR1 handler, so SIGUSR1 would kill it too.
 # So the launcher is started in the background in its own session/process group (setsid) with SIGUSR1 and
-# SIGTERM ignored; ignored signals stay ignored across exec, so runner.py and launch.py never die of them,
-# while the trainer installs its own handlers (signal.signal overrides SIG_IGN). The trap below forwards
+# SIGTERM ignored; ignored signals stay ignored across exec, so runner.py never dies of them and launch.py
+# not of SIGUSR1 (its own SIGTERM handler still runs), while the trainer installs its own handlers
+# (signal.signal overrides SIG_IGN). The trap below forwards
 # SIGUSR1/SIGTERM to that whole process group: launchers ignore it, ranks set their flag, all ranks agree
 # at the next step, write a checkpoint and exit 75; launch.py and runner.py pass 75 up. On exit 75 after
 # SIGUSR1 we `scontrol requeue` this task: SLURM kills the job and starts it again (Restarts=1, after a
 # BeginTime hold of about two minutes), and the same command resumes.
+# When one rank exits non-zero, launch.py SIGTERMs the other ranks (SIGKILL after 30 s), so all ranks must
+# have finished the collective checkpoint before any of them exits (the trainer agrees on the step with
+# an all-reduce and saves together; SIGTERM to a rank only sets its flag). On SIGTERM launch.py itself
+# exits 1, not 75. SIGUSR1 that arrives while ranks still start up (before their handler exists) is
+# ignored, so the trap repeats it every Q0DS_RESEND_SECONDS (30) until the launcher exits.
 # We never requeue after SIGTERM: that is scancel, the time limit, or SLURM's own pre-emption (which
 # requeues by itself); a requeue from inside a cancelled job brings the job back, which we saw happen.
 # On several nodes, srun starts this script once per node (--node-launch); srun forwards SIGUSR1/SIGTERM
@@ -59,14 +66,23 @@ die() { echo "q0_bases: ERROR: $*" >&2; exit 1; }
 
 # --- signal forwarding (see the header) -------------------------------------------------------------
 CHILD=""        # pid of the launcher = its process group id (setsid)
+RESENDER=""     # background loop repeating SIGUSR1 (see below)
 GOT_USR1=0
 GOT_TERM=0
+RESEND_SECONDS=${Q0DS_RESEND_SECONDS:-30}
 forward() {
     local sig=$1
     if [[ $sig == USR1 ]]; then GOT_USR1=1; else GOT_TERM=1; fi
     say "got SIG$sig; forwarding it to the launcher process group ${CHILD:-(not started yet)}"
     [[ -n $CHILD ]] || return 0
     kill -s "$sig" -- "-$CHILD" 2>/dev/null || kill -s "$sig" "$CHILD" 2>/dev/null || true
+    # Ranks ignore SIGUSR1 until the trainer installs its handler, so a signal during start-up would be
+    # lost (seen with --time=2 --signal=B:USR1@100: it came 13 s after the start). Repeat it every
+    # RESEND_SECONDS until the launcher exits; the trainer's handler only sets a flag, so repeats are harmless.
+    if [[ $sig == USR1 && -z $RESENDER ]]; then
+        (while sleep "$RESEND_SECONDS"; do kill -s USR1 -- "-$CHILD" 2>/dev/null || exit 0; done) &
+        RESENDER=$!
+    fi
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
@@ -91,6 +107,10 @@ run_forwarding() {
     local final=0
     wait "$CHILD" 2>/dev/null || final=$?
     ((final == 127)) || rc=$final
+    if [[ -n $RESENDER ]]; then  # stop its sleep first: the loop then ends by itself
+        pkill -P "$RESENDER" 2>/dev/null || true
+        kill "$RESENDER" 2>/dev/null || true
+    fi
     return "$rc"
 }
 
