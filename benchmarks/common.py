@@ -27,7 +27,8 @@ def machine_info() -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "niceness": os.nice(0) if hasattr(os, "nice") else None}
     try:
         info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):

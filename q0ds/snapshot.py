@@ -173,7 +173,7 @@ def token_logprobs(model, windows, mask, batch: int, rank: int = 0, world: int =
         idx = [mine[i] if i < len(mine) else 0 for i in range(start, min(per, start + batch))]
         w = windows[idx].to(device)
         logits = model(input_ids=w[:, :-1]).logits.float()
-        lp = torch.log_softmax(logits, -1).gather(-1, w[:, 1:, None]).squeeze(-1)
+        lp = logits.gather(-1, w[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
         out[start:start + len(idx)] = lp.cpu()
     if world > 1:
         parts = [torch.zeros_like(out) for _ in range(world)]

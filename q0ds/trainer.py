@@ -10,6 +10,7 @@ Run it through `deepspeed --num_gpus N launchers/train.py --config C --base B` o
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -137,6 +138,7 @@ class BaseTrainer:
         self.val = self.data.eval_windows("val", t.seq_len)
         self.fitness = self.data.eval_windows("fitness", t.seq_len) if cfg.eval.fitness else None
         self.fitness_fingerprint = windows_fingerprint(self.fitness) if self.fitness else None
+        self.val_fingerprint = windows_fingerprint(self.val)
         self.signals = _Signals()
         self.step = 0
         self._last_checkpoint = None
@@ -180,7 +182,7 @@ class BaseTrainer:
         start = self.plan.sample_at(self.step) + self.rank * per_rank
         rows = self.data.train_samples(self.cfg.seed, self.base, start, per_rank, t.seq_len)
         distilled = self._distilled(cyc)
-        sums = torch.zeros(3)
+        sums = torch.zeros(3, device=self.student.device)
         for i in range(n_micro):
             w = rows[i * t.micro_batch:(i + 1) * t.micro_batch].to(self.student.device)
             inputs, labels = w[:, :-1], w[:, 1:]
@@ -188,17 +190,17 @@ class BaseTrainer:
             if fault("nan_at_step") == self.step:
                 logits = logits * float("nan")
             loss, parts = self._loss(logits, inputs, labels, distilled)
-            if E.any_rank(not torch.isfinite(loss).item()) and t.nan_policy == "stop":
-                raise NonFiniteLoss(f"non-finite loss at step {self.step} (cycle {cyc.index}, base {self.base}); "
-                                    f"the last good checkpoint in {self.ckpt_dir} and all finished snapshots are intact. "
-                                    "Lower optim.lr or set train.nan_policy=skip, then relaunch to resume")
             E.micro_step(self.student, loss, n_micro, last=i == n_micro - 1)
-            sums += torch.tensor([loss.item(), parts["ce"].item(), parts["kl"].item()])
+            sums += torch.stack([loss.detach().float(), parts["ce"].float(), parts["kl"].float().to(sums.device)])
         if self.world > 1:
-            torch.distributed.all_reduce(sums)
-        sums /= n_micro * self.world
-        return {"lr_mult": lr_m, "wd_mult": wd_m, "loss": sums[0].item(), "ce": sums[1].item(), "kl": sums[2].item(),
-                "distilled": distilled}
+            torch.distributed.all_reduce(sums)      # one collective per step; also tells every rank about a NaN
+        loss, ce, kl = (sums / (n_micro * self.world)).tolist()
+        if not math.isfinite(loss) and t.nan_policy == "stop":
+            # ZeRO-3 flags the non-finite gradient as overflow and skips the update, so the weights are still good
+            raise NonFiniteLoss(f"non-finite loss at step {self.step} (cycle {cyc.index}, base {self.base}); the update "
+                                f"was skipped, and the last good checkpoint in {self.ckpt_dir} and all finished snapshots "
+                                "are intact. Lower optim.lr or set train.nan_policy=skip, then relaunch to resume")
+        return {"lr_mult": lr_m, "wd_mult": wd_m, "loss": loss, "ce": ce, "kl": kl, "distilled": distilled}
 
     def _distilled(self, cyc) -> bool:
         """Does this cycle learn from a teacher? (Hook: ensemble_distill.py's teacher is the top-K mixture.)"""
@@ -250,7 +252,7 @@ class BaseTrainer:
                 "teacher": f"base-{self.base:02d}/cycle-{cyc.index - 1:04d}" if self.teacher_cycle is not None else None,
                 "seed": self.seed, "run_config": self.cfg.fingerprint(), "data": self.data.fingerprint,
                 "fitness_fingerprint": self.fitness_fingerprint,
-                "val_fingerprint": windows_fingerprint(self.val), "dtype": self.cfg.model.dtype,
+                "val_fingerprint": self.val_fingerprint, "dtype": self.cfg.model.dtype,
                 "val_loss": None}
 
     def _score(self) -> dict:
