@@ -58,15 +58,19 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "prior_fit.json"))
     args = ap.parse_args()
 
+    load_before = os.getloadavg()
     P = synthetic_P(args.members, args.tokens)
     mb = P.numel() * 4 / 1e6
     print(f"P: {args.members} x {args.tokens} float32 ({mb:.0f} MB), {torch.get_num_threads()} threads")
 
     # The read limit: the faster of two one-pass reductions over P (after warm-up).
     reads = {"P.sum()": lambda: P.sum(), "torch.logsumexp(P, 0)": lambda: torch.logsumexp(P, 0)}
-    first = {name: (fn(), median_time(fn, 5))[1] for name, fn in reads.items()}
+    first = {}
+    for name, fn in reads.items():
+        fn()                                                          # warm-up
+        first[name] = median_time(fn, 5)
     read_name = min(first, key=first.get)
-    print(f"one read: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in first.items()) + f" -> {read_name}")
+    print("one read: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in first.items()) + f" -> {read_name}")
 
     # The machine may be shared and noisy: interleave read samples with the fits, compare medians.
     read_samples, fits, times = [], [], []
@@ -77,7 +81,7 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     one_read = statistics.median(read_samples)
     limit = args.steps * one_read
-    read_s = {**{k: v for k, v in first.items()}, read_name: one_read}
+    read_s = {**first, read_name: one_read}
     print(f"one read ({read_name}): median {one_read * 1e3:.2f} ms ({mb / 1e3 / one_read:.1f} GB/s); "
           f"{args.steps} reads = {limit:.2f} s")
     fit_s = statistics.median(times)
@@ -87,6 +91,9 @@ def main() -> None:
     top = torch.topk(w, min(5, len(w)))
     print(f"fit_prior: median {fit_s:.2f} s over {args.repeats} ({', '.join(f'{t:.2f}' for t in times)}); "
           f"ratio to the read limit {ratio:.2f}x (target <= 2x)")
+    tm = {k: statistics.median(f.timings[k] for f in fits) for k in fits[0].timings}
+    print("fit_prior parts (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in tm.items())
+          + f"; per step {tm['steps'] / max(1, args.steps) * 1e3:.1f} ms vs one read {one_read * 1e3:.1f} ms")
     print(f"fit NLL {fit.loss:.5f} ({fit.chosen}); best single {fit.baselines['best_single']:.5f}, "
           f"uniform {fit.baselines['uniform']:.5f}; top weights {[round(v, 3) for v in top.values.tolist()]}")
 
@@ -94,10 +101,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "members": args.members, "tokens": args.tokens, "steps": args.steps, "threads": torch.get_num_threads(),
-        "matrix_mb": mb, "read_primitive": read_name, "read_times_s": read_s, "one_read_s": one_read,
+        "matrix_mb": mb, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "read_primitive": read_name, "read_times_s": read_s, "one_read_s": one_read,
         "read_limit_s": limit, "fit_times_s": times, "fit_median_s": fit_s, "ratio": ratio,
         "target_ratio": 2.0, "meets_target": ratio <= 2.0,
-        "fit_loss": fit.loss, "chosen": fit.chosen, "baselines": fit.baselines, "best_step": fit.best_step,
+        "fit_timings_s": [f.timings for f in fits], "fit_loss": fit.loss, "chosen": fit.chosen,
+        "baselines": fit.baselines, "best_step": fit.best_step,
         "top_weights": {int(i): float(v) for v, i in zip(top.values, top.indices)},
         "history": fit.history,
     }
@@ -105,6 +114,9 @@ def main() -> None:
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out)
     plot(result, out.with_suffix(".png"))
+    if max(load_before[0], os.getloadavg()[0]) > 0.5:
+        print(f"note: the machine was busy (load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}); "
+              "timings are noisy")
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 

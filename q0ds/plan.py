@@ -17,7 +17,11 @@ For a budget of E epochs:
      after the warm segment at small budgets, never longer than the reference 2 epochs, never shorter
      than a quarter epoch (unless the whole rest is: then one cycle).
   Example E=8: [4, 1, 1, 1, 1]; E=64: [8] + 28 x [2]; E=200: 2 bases x ([8] + 46 x [2]).
-Cycle lengths are in epochs; the trainer rounds them to optimizer steps.
+Cycle lengths are in epochs; the trainer rounds them to optimizer steps. A base runs on one node; with
+`nodes` < B the bases run in ceil(B / nodes) waves (wall time ~ waves x one base).
+Caveats: the warm cycle is cycle 0, so `distill.start_cycle` (counted in cycles) starts later in epochs
+than with uniform cycles; and a packed schedule depends on the budget, so one long run does not give
+every smaller budget as a prefix (uniform cycles do) -- `alternatives()` includes uniform schedules.
 """
 from __future__ import annotations
 

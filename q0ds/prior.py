@@ -44,7 +44,8 @@ class PriorFit:
     chosen: str = "fitted"       # "fitted" | "best_single" | "uniform"
     best_step: int = 0           # iterate of the fit that was kept
     baselines: dict = field(default_factory=dict)   # best_single, best_single_index, uniform
-    seconds: float = 0.0
+    seconds: float = 0.0         # wall time of fit_prior
+    timings: dict = field(default_factory=dict)     # seconds: prepare, steps, final (comparisons)
 
 
 class _Scaled:
@@ -139,13 +140,15 @@ def fit_prior(P: torch.Tensor, steps: int = 300, lr: float = 0.5, clip: float = 
         raise ValueError(f"need steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
     t0 = time.perf_counter()
     with _scaled(P) as S:
+        t1 = time.perf_counter()
         fit = _optimise(S, steps, lr, clip, init_std, seed)
     fit.seconds = time.perf_counter() - t0
+    fit.timings = {"prepare": t1 - t0, **fit.timings}
     return fit
 
 
 def _optimise(S: _Scaled, steps, lr, clip, init_std, seed) -> PriorFit:
-    M = S.M
+    M, t0 = S.M, time.perf_counter()
     a = torch.zeros(M, dtype=torch.float64)
     if init_std > 0:
         gen = torch.Generator().manual_seed(seed)
@@ -166,6 +169,7 @@ def _optimise(S: _Scaled, steps, lr, clip, init_std, seed) -> PriorFit:
         if clip and clip > 0:
             torch.nn.utils.clip_grad_norm_([a], clip)
         opt.step()
+    t_steps = time.perf_counter() - t0
 
     uniform = torch.full((M,), 1.0 / M, dtype=torch.float64)
     i_best = int(torch.argmax(S.single_sum))
@@ -180,7 +184,8 @@ def _optimise(S: _Scaled, steps, lr, clip, init_std, seed) -> PriorFit:
     name, w, logits = cands[pick]
     return PriorFit(logits=logits.tolist(), weights=w.tolist(), loss=nlls[pick], history=history,
                     steps=steps, chosen=name, best_step=best[2],
-                    baselines={"best_single": nlls[1], "best_single_index": i_best, "uniform": nlls[2]})
+                    baselines={"best_single": nlls[1], "best_single_index": i_best, "uniform": nlls[2]},
+                    timings={"steps": t_steps, "final": time.perf_counter() - t0 - t_steps})
 
 
 def nll_and_grad(P: torch.Tensor, logits) -> tuple[float, torch.Tensor]:
@@ -189,15 +194,23 @@ def nll_and_grad(P: torch.Tensor, logits) -> tuple[float, torch.Tensor]:
     return _Scaled(P).loss_grad(torch.softmax(a, 0))
 
 
+def _check_weights(weights, M: int) -> torch.Tensor:
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if w.numel() != M:
+        raise ValueError(f"{w.numel()} weights for {M} members")
+    return w
+
+
 def mixture_nll(P: torch.Tensor, weights) -> float:
     """Exact mean NLL of the probability mixture sum_i w_i P[i, t] (nats/token)."""
+    weights = _check_weights(weights, P.shape[0])
     with _scaled(P) as S:
         return S.exact_nll(weights)
 
 
 def mixture_logprob(logP: torch.Tensor, weights) -> torch.Tensor:
     """Per-token log sum_i w_i exp(logP[i, t]) as float64 [N]; zero weights drop out."""
-    lw = torch.as_tensor(weights, dtype=torch.float64).log()[:, None]
+    lw = _check_weights(weights, logP.shape[0]).log()[:, None]
     out = torch.empty(logP.shape[1], dtype=torch.float64)
     for j in range(0, logP.shape[1], _BLOCK):
         out[j:j + _BLOCK] = torch.logsumexp(logP[:, j:j + _BLOCK].double() + lw, 0)

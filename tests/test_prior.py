@@ -99,6 +99,8 @@ def test_mixture_nll_and_logprob_agree():
     direct = -torch.log(w @ P.double()).mean()
     assert math.isclose(-float(lp.mean()), float(direct), rel_tol=1e-6)
     assert math.isclose(mixture_nll(P, w), float(direct), rel_tol=1e-6)
+    with pytest.raises(ValueError, match="4 weights for 5 members"):
+        mixture_nll(P, w[:4])
 
 
 def test_bad_input_is_rejected():
