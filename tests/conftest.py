@@ -66,3 +66,17 @@ def run_launcher(config, base, *overrides, ranks=2, env=None, timeout=900, check
 
 def read_jsonl(path):
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_distributed_env():
+    """In-process engine tests (q0ds.engine.setup_distributed) set RANK/MASTER_PORT...; a `q0ds` or `deepspeed`
+    subprocess started later would inherit them and try to join that dead rendezvous. Restore per module."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

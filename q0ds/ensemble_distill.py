@@ -1,0 +1,407 @@
+"""Distil a run's top-K prior-weighted mixture into ONE model (q0's stated limitation: K forward passes).
+
+    q0ds distill-ensemble --run RUN --k 4 [key=value ...]                 # 1 rank, in this process (CPU)
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module q0ds.ensemble_distill --run RUN --k 4 [key=value ...]
+    deepspeed --num_gpus 8 --module q0ds.ensemble_distill --run RUN --k 4  # GPUs, one node
+    python -m q0ds.ensemble_distill --run RUN --bench 0,1,2,4,8,4/1        # step time vs K ("K/S": S engines)
+
+Relaunching the same command resumes exactly (exit 75 = pre-empted, checkpoint written: relaunch). The end
+writes RUN/distilled/k{K}/distill_report.json + .png and prints a summary; distill_summary(run, k) -> dict.
+
+What it trains. The student is a run of its own, RUN/distilled/k{K}/ (config.json = RUN/config.json + DEFAULTS
+below + your overrides; one base, seed + 3000), trained by BaseTrainer: the same ZeRO-3 engine, event order,
+checkpoints, exact resume, snapshots (plain HF dirs, val/fitness scored) as a q0 base. Only the loss differs
+(BaseTrainer._loss hook): the teacher is the top-K members of RUN/prior.json, renormalised weights w_i, frozen,
+
+    p_mix = sum_i w_i softmax(z_i / T)
+    loss  = (1 - alpha) * CE + alpha * T^2 * KL(p_mix || softmax(z_student / T))     (distill.mixture_distill_loss)
+
+accumulated member by member in log space (two [batch, seq, vocab] tensors, whatever K). Knobs (key=value):
+ensemble.init=top1|scratch (default top1: start from the top-weighted member), distill.alpha (0.9),
+distill.temperature (1.0), schedule.cycles x schedule.cycle_epochs (default 2 x 1 epoch, warmup 10 steps +
+cosine; one scored snapshot per cycle), optim.*, model.* (a smaller student works if the vocab matches),
+ensemble.max_engines (8), run_dir=... (another output dir, e.g. for a CE-only control with distill.alpha=0).
+Every snapshot.json names its teachers under "distilled_from" (run, K, members, weights, sha256s, alpha, T,
+init); a relaunch whose teachers differ (say, a refitted prior) is refused (teacher.json).
+
+Teacher memory: the options and the choice.
+  (a) K ZeRO-3 inference engines held at once: K x params / world_size per rank (bf16 1.8B on 8 GPUs:
+      0.44 GB per member), weights loaded once. Simple and the fastest.
+  (b) ONE engine whose weights are swapped per member per micro-batch (engine.load_weights_inplace): constant
+      memory, K loads (file read + gather + broadcast of the whole model) per micro-batch.
+  (c) soft targets precomputed member by member and cached on disk: constant memory, but tokens x vocab per
+      epoch (each epoch re-chunks the stream): 110k x 2048 x 2 B = 0.45 GB per epoch here, 100M x 50304 x 2 B
+      = 10 TB per epoch at the paper's scale. Only a top-k truncation would fit, and it changes the target.
+  Chosen: (a) up to ensemble.max_engines resident engines, with (b) above the cap: member m runs in slot
+  m % cap, always in member order, so any cap gives bitwise the same loss (tested) and resume stays exact.
+
+MEASURED on 2 shared CPU cores (load 3-12), `small` model (0.95M params, vocab 2048), batch 32 x 128.
+  Step time, s per optimizer step, min / median of 12 round-robin steps (--bench 0,1,2,4,8,4/1,8/2):
+      student alone (CE) 0.38 / 0.39    K=1 0.58 / 0.67    K=2 0.71 / 0.81    K=4 1.03 / 1.25    K=8 1.66 / 1.75
+      K=4 through 1 swapped engine 1.04 / 1.17 (96 loads)    K=8 through 2: 1.67 / 1.92 (192 loads)
+    Each member adds ~0.16 s, ~0.4 x a student step (its forward + the vocab-wide log-mixture). Swapping is
+    free at this size (a 3.8 MB load from page cache); at 1.8B it is a 3.5 GB load per member per micro-batch.
+  Quality, val NLL (nats/token); retained = (best member - student) / (best member - mixture):
+    runs/demo (2 bases x 12 one-epoch cycles, 24.6 epochs): best member 5.3434, top-4 (= top-2) mixture 5.2589
+      defaults (top1, 2 epochs), K=4        5.2688   88% retained, 2.05 epochs (8% of the population's cost)
+      same, K=2                             5.2688   88%
+      same 2 epochs, CE only (alpha=0)      5.3052   45%: half of the gain is the teacher's, half more training
+      scratch, 12 epochs, K=4               5.4930   below the members (12 chain-distilled epochs each)
+      scratch, 12 epochs, CE only           5.5708   (so the teacher is worth 0.08 nats from scratch)
+    saturated run (28k train tokens, batch 8, 2 bases x 8 two-epoch cycles; members overfit after ~14 epochs):
+    best member 5.4819, top-4 mixture 5.2922
+      defaults (top1, 2 epochs), K=4        5.3232   84% retained   (alpha 1.0: 74%, T 2.0: 77%)
+      same 2 epochs, CE only                5.5749   -49%: more data epochs only overfit; the teacher is the gain
+      scratch, 16 epochs, K=4               5.3045   94% retained   (CE only: 5.7064)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import engine as E
+from .config import ConfigError, RunConfig, apply_overrides, atomic_write_text, from_dict, read_config_file
+from .distill import mixture_distill_loss
+from .trainer import BaseTrainer, _rng_state, _set_rng_state
+
+# Applied to RUN/config.json before the user's overrides: one base, an ordinary warmup + cosine schedule
+# (no sawtooth, no perturbation, no chain teacher: the mixture is the teacher).
+DEFAULTS = ["bases=1", "schedule.shape=cosine", "schedule.cycles=2", "schedule.cycle_epochs=1.0",
+            "schedule.cycle_steps=0", "schedule.warmup_steps=10", "schedule.wd_coupling=false",
+            "train.small_batch=0", "distill.enabled=false", "distill.alpha=0.9", "distill.temperature=1.0",
+            "perturb.enabled=false"]
+ENSEMBLE_OPTIONS = {"init": ("top1", ("top1", "scratch")), "max_engines": (8, None)}
+SEED_OFFSET = 3000          # the student's own init seed and data order (baselines use +1000)
+SPEC = "teacher.json"
+
+
+def out_dir(run, k: int) -> Path:
+    return Path(run).resolve() / "distilled" / f"k{k}"
+
+
+# ---------------------------------------------------------------- config and teacher spec
+def _split_options(overrides):
+    """ensemble.* keys are ours; everything else is a run-config override."""
+    opts = {k: v for k, (v, _) in ENSEMBLE_OPTIONS.items()}
+    rest = []
+    for item in overrides or []:
+        key, _, raw = item.partition("=")
+        if not key.startswith("ensemble."):
+            rest.append(item)
+            continue
+        name = key[len("ensemble."):]
+        if name not in ENSEMBLE_OPTIONS:
+            raise ConfigError(f"unknown option {key}; valid: {', '.join('ensemble.' + k for k in ENSEMBLE_OPTIONS)}")
+        default, choices = ENSEMBLE_OPTIONS[name]
+        try:
+            value = type(default)(raw)
+        except ValueError:
+            raise ConfigError(f"{key} must be {type(default).__name__}, got {raw!r}") from None
+        if (choices and value not in choices) or (isinstance(value, int) and value < 1):
+            raise ConfigError(f"{key}={raw} is invalid; use {' or '.join(choices) if choices else 'an integer >= 1'}")
+        opts[name] = value
+    return opts, rest
+
+
+def resolve(run, k: int, overrides=()) -> tuple[RunConfig, dict, dict]:
+    """(student RunConfig, teacher spec, ensemble options). The spec names the teachers exactly."""
+    from .population import PriorError, _topk
+    from .prior import read_prior_json
+    from .snapshot import read_meta
+    run = Path(run)
+    if not (run / "prior.json").is_file():
+        raise PriorError(f"{run / 'prior.json'} not found: run `q0ds fit-prior --run {run}` first")
+    opts, rest = _split_options(overrides)
+    base = read_config_file(run / "config.json")
+    d = apply_overrides(base, DEFAULTS + [f"run_dir={out_dir(run, k)}", f"seed={base.get('seed', 0) + SEED_OFFSET}"] + rest)
+    cfg = from_dict(RunConfig, d).check()
+    if cfg.distill.enabled:
+        raise ConfigError("distill.enabled must stay false: the teacher of distill-ensemble is the top-K mixture, "
+                          "not the chain (distill.alpha and distill.temperature apply to the mixture)")
+    if cfg.bases != 1:
+        raise ConfigError("distill-ensemble trains one student: bases must be 1")
+    prior = read_prior_json(run / "prior.json")
+    idx, w = _topk(prior["weights"], k)
+    ids = [prior["members"][i] for i in idx]
+    snaps = [member_dir(run, m) for m in ids]
+    metas = [read_meta(s) for s in snaps]
+    spec = {"run": str(run.resolve()), "k": k, "members": ids, "weights": [float(x) for x in w],
+            "member_sha256": [m["sha256"] for m in metas], "init": opts["init"],
+            "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature}
+    return cfg, spec, opts
+
+
+def member_dir(run, member: str) -> Path:
+    base, cycle = member.split("/")
+    return Path(run) / "bases" / base / "snapshots" / cycle
+
+
+def check_spec(out: Path, spec: dict, write: bool):
+    """A relaunch must distil from the same teachers (a refitted prior would silently change them)."""
+    path = out / SPEC
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [key for key in sorted(set(old) | set(spec)) if old.get(key) != spec.get(key)]
+        if diff:
+            raise ConfigError(f"{path} records a different teacher ({', '.join(diff)} differ): the prior or the "
+                              "options changed since this student started; use run_dir=... for a new student")
+    elif write:
+        atomic_write_text(path, json.dumps(spec, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- the teacher
+class MixtureTeacher:
+    """The K members as frozen ZeRO-3 inference engines, at most `slots` resident; member logits are yielded
+    one at a time, always in member order (so any slot count gives bitwise the same mixture)."""
+
+    def __init__(self, snaps, model_config, ds_cfg: dict, slots: int, seed: int):
+        from .model import build_model
+        self.snaps = list(snaps)
+        self.engines = [E.make_teacher(build_model(model_config, seed), ds_cfg) for _ in range(min(slots, len(self.snaps)))]
+        self.loaded = [None] * len(self.engines)
+        self.loads = 0
+        if E.rank() == 0:
+            from .snapshot import verify
+            for s in self.snaps:
+                verify(s)                         # sha256 of the weights, once
+        for slot in range(len(self.engines)):
+            self._load(slot, slot)
+
+    def _load(self, slot: int, member: int):
+        from safetensors.torch import load_file
+        sd = load_file(self.snaps[member] / "model.safetensors") if E.rank() == 0 else None
+        E.load_weights_inplace(self.engines[slot], sd)
+        self.loaded[slot] = member
+        self.loads += 1
+
+    def member_logits(self, inputs):
+        n = len(self.engines)
+        for m in range(len(self.snaps)):
+            slot = m % n
+            if self.loaded[slot] != m:
+                self._load(slot, m)
+            with torch.no_grad():                 # leave no_grad before yielding: grad mode is global state
+                z = self.engines[slot](input_ids=inputs).logits
+            yield z
+
+
+# ---------------------------------------------------------------- the student
+class EnsembleDistillTrainer(BaseTrainer):
+    """A BaseTrainer whose teacher is the top-K mixture, in every cycle."""
+
+    def __init__(self, cfg: RunConfig, spec: dict, opts: dict):
+        super().__init__(cfg, 0)
+        from transformers import AutoConfig
+        self.spec, self.opts = spec, opts
+        snaps = [member_dir(spec["run"], m) for m in spec["members"]]
+        teacher_config = AutoConfig.from_pretrained(snaps[0], local_files_only=True)
+        if teacher_config.vocab_size != self.model_config.vocab_size:
+            raise ConfigError(f"the student's vocab ({self.model_config.vocab_size}) differs from the members' "
+                              f"({teacher_config.vocab_size}); the KL is taken token by token")
+        ds = E.student_ds_config(E.load_ds_config(cfg.ds_config), cfg, self.world)
+        rng = _rng_state()                        # building teachers must not move the training generators
+        self.mixture = MixtureTeacher(snaps, teacher_config, ds, opts["max_engines"], self.seed)
+        _set_rng_state(rng)
+        self.weights = torch.tensor(spec["weights"], dtype=torch.float64)
+
+    def _distilled(self, cyc) -> bool:
+        return True
+
+    def _loss(self, logits, inputs, labels, distilled: bool):
+        d = self.cfg.distill
+        return mixture_distill_loss(logits, self.mixture.member_logits(inputs), self.weights, labels,
+                                    d.alpha, d.temperature)
+
+    def _resume(self):
+        super()._resume()
+        if self.step == 0 and self.opts["init"] == "top1":    # a fresh start from the top-weighted member
+            from safetensors.torch import load_file
+            E.set_trained_weights_(self.student, load_file(member_dir(self.spec["run"], self.spec["members"][0]) / "model.safetensors"))
+            self._print(f"student initialised from {self.spec['members'][0]}")
+
+    def _snapshot_meta(self, cyc) -> dict:
+        meta = super()._snapshot_meta(cyc)
+        meta.update(teacher=f"top-{self.spec['k']} mixture of {self.spec['run']}", distilled_from=self.spec)
+        return meta
+
+
+def distill_ensemble(run, k: int = 4, overrides=()) -> int:
+    """Train (or resume) the distilled student of RUN's top-K mixture, then write its report. Exit code."""
+    if "RANK" not in os.environ:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")       # in-process, 1 rank (like `q0ds train`)
+    cfg, spec, opts = resolve(run, k, overrides)
+    out = Path(cfg.run_dir)
+    check_spec(out, spec, write=False)
+    trainer = EnsembleDistillTrainer(cfg, spec, opts)
+    if trainer.rank == 0:
+        check_spec(out, spec, write=True)
+    code = trainer.train()
+    E.finish()
+    if code == 0 and trainer.rank == 0:
+        summary = write_distill_report(run, k, out)
+        print(format_summary(summary), flush=True)
+    return code
+
+
+# ---------------------------------------------------------------- report
+def distill_summary(run, k: int, out=None) -> dict:
+    """Val loss of the distilled student vs the best single member and the top-K mixture (RUN/eval.json when
+    it has them, else recomputed from the members' stored val scores), the fraction of the ensemble's gain
+    retained = (best_single - distilled) / (best_single - mixture), and the cost in epochs."""
+    from .population import epochs_spent, load_member_scores
+    from .prior import mixture_nll
+    run = Path(run)
+    out = Path(out) if out else out_dir(run, k)
+    spec = json.loads((out / SPEC).read_text())
+    bdir = base_dir_of(out)
+    snaps = sorted(bdir.glob("snapshots/cycle-*/snapshot.json"))
+    if not snaps:
+        raise ConfigError(f"no snapshots under {bdir}: run `q0ds distill-ensemble --run {run} --k {k}` first")
+    metas = [json.loads(p.read_text()) for p in snaps]
+    last = metas[-1]
+    ev = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
+    row = next((r for r in ev.get("topk", []) if r["k"] == k and r["members"] == spec["members"]), None)
+    ids, member_metas, V = load_member_scores(run, "val", members=spec["members"], check_weights=False)
+    mixture = row["weighted"] if row else mixture_nll(V, spec["weights"])
+    if "best_single" in ev:
+        best_id, best = ev["best_single"]["member"], ev["best_single"]["val_loss"]
+    else:
+        all_ids, _, VA = load_member_scores(run, "val", check_weights=False)
+        losses = [-(VA[i].clamp_min(1e-30).log().double().mean().item()) for i in range(len(all_ids))]
+        best_id, best = min(zip(all_ids, losses), key=lambda t: t[1])
+    distilled = last["val_loss"]
+    gain = best - mixture
+    epochs = last["epoch"]
+    seconds = _train_seconds(out)
+    return {
+        "run": str(run), "k": k, "out": str(out), "complete": (bdir / "done.json").is_file(),
+        "members": spec["members"], "weights": spec["weights"], "init": spec["init"],
+        "alpha": spec["alpha"], "temperature": spec["temperature"],
+        "snapshot": str(snaps[-1].parent),
+        "val_loss": {"distilled": distilled, "best_single": best, "best_single_member": best_id,
+                     "mixture": mixture, "top1_member": _single(V, 0)},
+        "gain_nats": {"ensemble_over_best_single": gain, "distilled_over_best_single": best - distilled},
+        "fraction_retained": (best - distilled) / gain if gain > 0 else None,
+        "cost": {"student_epochs": epochs, "teacher_member_forward_epochs": epochs * k if spec["alpha"] > 0 else 0.0,
+                 "q0_epochs": ev.get("epochs_spent", epochs_spent(run)), "steps": last["step"], "train_seconds": seconds,
+                 "inference_forwards": {"distilled": 1, "mixture": k}},
+        "curve": [{"cycle": m["cycle"], "epoch": m["epoch"], "val_loss": m["val_loss"]} for m in metas],
+        "same_val_set": last.get("val_fingerprint") == member_metas[0].get("val_fingerprint"),
+    }
+
+
+def base_dir_of(out: Path) -> Path:
+    return Path(out) / "bases" / "base-00"
+
+
+def _single(V, i: int) -> float:
+    return -(V[i].clamp_min(1e-30).log().double().mean().item())
+
+
+def _train_seconds(out: Path):
+    """Wall seconds in training steps (from metrics.jsonl's tokens/s; excludes startup, snapshots, scoring)."""
+    metrics = base_dir_of(out) / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    seq = read_config_file(out / "config.json")["train"]["seq_len"]
+    recs = [json.loads(l) for l in metrics.read_text().splitlines() if l.startswith('{"step"')]
+    return round(sum(r["batch"] * seq / r["tokens_per_s"] for r in recs if r.get("tokens_per_s")), 1)
+
+
+def write_distill_report(run, k: int, out=None) -> dict:
+    out = Path(out) if out else out_dir(run, k)
+    s = distill_summary(run, k, out)
+    atomic_write_text(out / "distill_report.json", json.dumps(s, indent=2) + "\n")
+    plot_summary(s, out / "distill_report.png")
+    return s
+
+
+def plot_summary(s: dict, path: Path):
+    from .report import _plt, _save
+    plt = _plt()
+    v = s["val_loss"]
+    names = ["best single\nmember", "distilled\n(1 forward)", f"top-{s['k']} mixture\n({s['k']} forwards)"]
+    vals = [v["best_single"], v["distilled"], v["mixture"]]
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    bars = ax.bar(names, vals, color=["C7", "C2", "C0"])
+    for b, x in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, x, f"{x:.4f}", ha="center", va="bottom", fontsize=9)
+    lo, hi = min(vals), max(vals)
+    ax.set_ylim(lo - 0.6 * (hi - lo + 1e-3), hi + 0.3 * (hi - lo + 1e-3))
+    frac = s["fraction_retained"]
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"Ensemble distillation, K={s['k']}: {s['cost']['student_epochs']:.1f} epochs, "
+                 f"gain retained {frac:.0%}" if frac is not None else f"Ensemble distillation, K={s['k']}")
+    _save(fig, path)
+
+
+def format_summary(s: dict) -> str:
+    v, c = s["val_loss"], s["cost"]
+    frac = s["fraction_retained"]
+    return "\n".join([
+        f"[q0ds] distilled top-{s['k']} mixture into one model: {s['snapshot']}",
+        f"  val loss  best single member {v['best_single']:.4f} ({v['best_single_member']})",
+        f"            distilled student  {v['distilled']:.4f}  (1 forward pass)",
+        f"            top-{s['k']} mixture     {v['mixture']:.4f}  ({s['k']} forward passes)",
+        f"  gain retained: {frac:.1%}" if frac is not None else "  gain retained: n/a (the mixture does not beat the best member)",
+        f"  cost: {c['student_epochs']:.2f} student epochs, {c['teacher_member_forward_epochs']:.1f} epochs of "
+        f"member forwards (teacher); the q0 population cost {c['q0_epochs']:.2f} epochs",
+        f"  report: {Path(s['out']) / 'distill_report.json'}"])
+
+
+# ---------------------------------------------------------------- step time vs K
+def bench_step_time(run, configs=("0", "1", "2", "4", "4/1"), overrides=(), steps: int = 4, rounds: int = 3) -> dict:
+    """Seconds per optimizer step for each config "K" (K resident teacher engines; "0" = the student alone,
+    CE) or "K/S" (K members through S swapped engines). All engines live in this process and are timed
+    round-robin (`rounds` x `steps` steps each), so machine noise hits every config alike."""
+    import statistics
+    import tempfile
+    trainers = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for c in configs:
+            k, _, slots = str(c).partition("/")
+            extra = (["distill.alpha=0"] if k == "0" else []) + ([f"ensemble.max_engines={slots}"] if slots else [])
+            cfg, spec, opts = resolve(run, max(int(k), 1), list(overrides) + extra + [f"run_dir={tmp}/{k}-{slots}"])
+            trainers[str(c)] = EnsembleDistillTrainer(cfg, spec, opts)
+        times = {c: [] for c in trainers}
+        for _ in range(rounds):
+            for c, tr in trainers.items():
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    tr._train_step(tr.plan.cycle_at(tr.step))
+                    tr.step += 1
+                    times[c].append(time.perf_counter() - t0)
+    return {c: {"median_s": round(statistics.median(v), 3), "min_s": round(min(v), 3), "all_s": [round(x, 3) for x in v],
+                "teacher_engines": len(trainers[c].mixture.engines) if c != "0" else 0,
+                "weight_loads": trainers[c].mixture.loads if c != "0" else 0} for c, v in times.items()}
+
+
+# ---------------------------------------------------------------- launcher entry point
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m q0ds.ensemble_distill", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
+    p.add_argument("--bench", default=None, help="e.g. 0,1,2,4,4/1: time steps vs K (K/S: S swapped engines)")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    from .cli import _user_errors
+    try:
+        if a.bench:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            print(json.dumps(bench_step_time(a.run, a.bench.split(","), a.overrides), indent=1))
+            return 0
+        return distill_ensemble(a.run, a.k, a.overrides)
+    except _user_errors() as e:
+        print(f"q0ds distill-ensemble (rank {os.environ.get('RANK', 0)}): error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
