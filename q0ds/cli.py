@@ -108,8 +108,9 @@ def cmd_demo(a):
 def cmd_plan(a):
     from . import plan
     if a.memory:
-        print(plan.format_memory_plan(plan.memory_plan(model=a.model, gpus=a.gpus, micro_batch=a.micro_batch,
-                                                       seq_len=a.seq_len, optimizer=a.optimizer)))
+        mem = plan.memory_plan(model=a.model, gpus=a.gpus, micro_batch=a.micro_batch, seq_len=a.seq_len,
+                               optimizer=a.optimizer)
+        print(plan.format_memory_plan(mem, plan.time_plan(model=a.model, gpus=a.gpus, seq_len=a.seq_len)))
         return 0
     alloc = plan.plan_budget(a.epochs, nodes=a.nodes)
     print(json.dumps(alloc.to_dict() if hasattr(alloc, "to_dict") else alloc.__dict__, indent=2, default=str))
