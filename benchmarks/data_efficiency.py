@@ -202,11 +202,8 @@ def write_configs(arms):
 
 
 def plan_of(cfg):
-    from q0ds.data import PreparedData
-    from q0ds.schedule import cycle_plan
-    data = PreparedData.open(cfg.data)
-    return cycle_plan(cfg.schedule.cycles, cfg.schedule.cycle_epochs, cfg.schedule.cycle_steps,
-                      data.windows_per_epoch(cfg.train.seq_len), cfg.train.global_batch, cfg.train.small_batch)
+    from q0ds.runner import plan_of as _plan_of
+    return _plan_of(cfg)
 
 
 def job_cost(cfg) -> float:

@@ -107,11 +107,10 @@ class StepBench:
         import torch
         from q0ds import engine as E
         from q0ds.model import build_config, build_model
-        from q0ds.schedule import cycle_plan, multipliers
+        from q0ds.schedule import multipliers, run_plan
         self.cfg, t = cfg, cfg.train
         self.mcfg = build_config(cfg.model, data.vocab_size, data.eos_id, data.pad_id, t.seq_len)
-        plan = cycle_plan(cfg.schedule.cycles, cfg.schedule.cycle_epochs, cfg.schedule.cycle_steps,
-                          data.windows_per_epoch(t.seq_len), t.global_batch, t.small_batch)
+        plan = run_plan(cfg, data.windows_per_epoch(t.seq_len))
         self.mult_fn = lambda s: multipliers(s % plan.total_steps, plan, cfg.schedule)
         self.batches = [data.train_samples(cfg.seed, 0, k * t.global_batch, t.global_batch, t.seq_len) for k in range(4)]
         self.n_micro = t.global_batch // t.micro_batch

@@ -30,12 +30,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def plan_steps(cfg: RunConfig) -> int:
+def plan_of(cfg: RunConfig):
+    """The cycle plan of one base of `cfg` on its prepared data."""
     from .data import PreparedData
-    from .schedule import cycle_plan
-    data = PreparedData.open(cfg.data)
-    return cycle_plan(cfg.schedule.cycles, cfg.schedule.cycle_epochs, cfg.schedule.cycle_steps,
-                      data.windows_per_epoch(cfg.train.seq_len), cfg.train.global_batch, cfg.train.small_batch).total_steps
+    from .schedule import run_plan
+    return run_plan(cfg, PreparedData.open(cfg.data).windows_per_epoch(cfg.train.seq_len))
 
 
 def launch_base(config_path, base: int, base_dir: Path, ranks: int = 1, threads: int = 0) -> subprocess.Popen:
@@ -67,7 +66,7 @@ def train_bases(config_path, parallel: int = 1, ranks: int = 1, label: str = "q0
     from .trainer import base_dir
     cfg = load_config(config_path)
     todo = [b for b in range(cfg.bases) if not (base_dir(cfg, b) / "done.json").is_file()]
-    total = plan_steps(cfg) * cfg.bases
+    total = plan_of(cfg).total_steps * cfg.bases
     threads = max(1, (os.cpu_count() or 1) // (parallel * ranks))
     bar = tqdm(total=total, desc=f"{label}: {cfg.bases} base(s)", unit="step", dynamic_ncols=True,
                disable=os.environ.get("Q0DS_NO_PROGRESS") == "1")
@@ -99,11 +98,7 @@ def baseline_configs(cfg: RunConfig, members: int = 4) -> dict[str, RunConfig]:
     """The two baselines at q0's epoch budget E, on the same model, data and evaluation (method.md):
     a single model with warmup + cosine over E epochs (snapshot every epoch to find its best), and an
     independent ensemble of `members` models, each its own seed, E/members epochs each."""
-    from .data import PreparedData
-    from .schedule import cycle_plan
-    data = PreparedData.open(cfg.data)
-    plan = cycle_plan(cfg.schedule.cycles, cfg.schedule.cycle_epochs, cfg.schedule.cycle_steps,
-                      data.windows_per_epoch(cfg.train.seq_len), cfg.train.global_batch, cfg.train.small_batch)
+    plan = plan_of(cfg)
     budget = plan.epoch_at(plan.total_steps) * cfg.bases
     out = {}
     for name, bases, epochs in (("single", 1, budget), ("ensemble", members, budget / members)):

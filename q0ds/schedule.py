@@ -102,6 +102,12 @@ def cycle_plan(n_cycles: int, cycle_epochs, cycle_steps: int, windows_per_epoch:
     return CyclePlan(tuple(cycles), windows_per_epoch)
 
 
+def run_plan(cfg, windows_per_epoch: int) -> CyclePlan:
+    """The cycle plan of one base of a RunConfig, given the data's windows per epoch."""
+    s, t = cfg.schedule, cfg.train
+    return cycle_plan(s.cycles, s.cycle_epochs, s.cycle_steps, windows_per_epoch, t.global_batch, t.small_batch)
+
+
 def multipliers(step: int, plan: CyclePlan, sched) -> tuple[float, float]:
     """(lr_mult, wd_mult) for optimizer step `step` under a ScheduleConfig-like `sched`."""
     if sched.shape == "cosine":

@@ -28,7 +28,7 @@ from .data import PreparedData
 from .distill import distill_loss
 from .faults import crash_if, fault
 from .model import build_config, build_model
-from .schedule import cycle_plan, multipliers, perturb_scale
+from .schedule import multipliers, perturb_scale, run_plan
 from .snapshot import snapshot_dir, token_logprobs, windows_fingerprint, write_scores, write_snapshot
 
 EXIT_PREEMPTED = 75          # EX_TEMPFAIL: checkpoint written, relaunch to continue (SLURM requeue)
@@ -118,8 +118,7 @@ class BaseTrainer:
         self.data = PreparedData.open(cfg.data)
         self.tokenizer = self.data.load_tokenizer()
         t = cfg.train
-        self.plan = cycle_plan(cfg.schedule.cycles, cfg.schedule.cycle_epochs, cfg.schedule.cycle_steps,
-                               self.data.windows_per_epoch(t.seq_len), t.global_batch, t.small_batch)
+        self.plan = run_plan(cfg, self.data.windows_per_epoch(t.seq_len))
         self.dir = base_dir(cfg, base)
         self.ckpt_dir = self.dir / "checkpoints"
         if self.rank == 0:
