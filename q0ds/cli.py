@@ -113,7 +113,7 @@ def cmd_plan(a):
         print(plan.format_memory_plan(mem, plan.time_plan(model=a.model, gpus=a.gpus, seq_len=a.seq_len)))
         return 0
     alloc = plan.plan_budget(a.epochs, nodes=a.nodes)
-    print(json.dumps(alloc.to_dict() if hasattr(alloc, "to_dict") else alloc.__dict__, indent=2, default=str))
+    print(json.dumps(alloc.to_dict(), indent=2, default=str))
     if a.plot:
         plan.plot_allocation(alloc, a.plot)
         print(f"plot: {a.plot}")
