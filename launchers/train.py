@@ -20,12 +20,12 @@ def main() -> int:
     p.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
-    from q0ds.cli import _user_errors
+    from q0ds.errors import user_errors
     from q0ds.config import load_config
     from q0ds.trainer import train_base
     try:
         return train_base(load_config(a.config, a.overrides), a.base)
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"q0ds train (rank {os.environ.get('RANK', 0)}): error: {e}", file=sys.stderr)
         return 2
 

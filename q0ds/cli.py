@@ -5,6 +5,7 @@
     q0ds train --config CONFIG --base 0 [key=value ...]    one base, 1 process on CPU (no launcher)
     q0ds run --config CONFIG                               all bases, then prior, eval and report
     q0ds fit-prior --run RUN | eval --run RUN [--k 1,2,4] | report --run RUN
+    q0ds rescore --run RUN [--member base-00/cycle-0003]   score snapshots whose score files are missing
     q0ds generate --run RUN --k 4 --prompt TEXT
     q0ds plan --epochs 64 | plan --memory --model 1.8b --gpus 8
     q0ds demo [--out runs/demo]
@@ -20,21 +21,9 @@ import os
 import sys
 
 
-def _user_errors():
-    from .config import ConfigError
-    from .data import DataError
-    from .model import ModelError
-    from .snapshot import SnapshotError
-    from .trainer import NonFiniteLoss, ResumeError
-    errs = [ConfigError, DataError, ModelError, SnapshotError, ResumeError, NonFiniteLoss, FileNotFoundError]
-    from .population import PriorError
-    errs.append(PriorError)
-    try:
-        from .lm_eval_adapter import LMEvalError
-        errs.append(LMEvalError)
-    except ImportError:            # lm_eval not installed: only `q0ds lm-eval` needs it
-        pass
-    return tuple(errs)
+from .errors import user_errors
+
+_user_errors = user_errors         # the former private name (launchers on older checkouts import it)
 
 
 def cmd_prepare(a):
@@ -72,6 +61,12 @@ def cmd_config_get(a):
 def cmd_fit_prior(a):
     from .population import fit_prior_run
     fit_prior_run(a.run, steps=a.steps, lr=a.lr)
+    return 0
+
+
+def cmd_rescore(a):
+    from .population import rescore_run
+    rescore_run(a.run, members=a.member)
     return 0
 
 
@@ -133,6 +128,7 @@ def cmd_distill_ensemble(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .presets import PRESETS
     p = argparse.ArgumentParser(prog="q0ds", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -150,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_prepare)
 
     s = sub.add_parser("init-config", help="write a complete run config from a preset")
-    s.add_argument("--preset", default="tiny", help="tiny | small | demo | 1.8b")
+    s.add_argument("--preset", default="tiny", help="a preset of q0ds/presets.py: " + " | ".join(PRESETS))
     s.add_argument("--data", required=True)
     s.add_argument("--run", required=True, help="run dir")
     s.add_argument("--out", required=True)
@@ -182,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--lr", type=float, default=0.5)
     s.set_defaults(fn=cmd_fit_prior)
+
+    s = sub.add_parser("rescore", help="score snapshots on the fitness and val sets from their weights")
+    s.add_argument("--run", required=True)
+    s.add_argument("--member", action="append", help="base-XX/cycle-XXXX (repeatable); default: every "
+                   "snapshot missing a score file")
+    s.set_defaults(fn=cmd_rescore)
 
     s = sub.add_parser("eval", help="validation loss of the top-K mixtures")
     s.add_argument("--run", required=True)
@@ -239,7 +241,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"q0ds {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

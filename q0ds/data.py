@@ -18,7 +18,8 @@ half-open range of document ids in meta["splits"]: fitness = whole documents fro
 documents). The split does not depend on the base: every base trains on the same documents.
 
 Inputs (read with `datasets`): .txt/.text/.md files give one document per blank-line-separated block
-(this works for a single big file; use JSONL for explicit document boundaries); .json/.jsonl/.parquet
+(this works for a single big file; use JSONL for explicit document boundaries), and so does a file without
+an extension when it is UTF-8 text (a non-UTF-8 file is named in the error); .json/.jsonl/.parquet
 give one document per row from `text_field`; files may be .gz/.bz2/.xz/.zst compressed; a directory is
 read recursively (hidden files skipped, any other file type is an error).
 
@@ -40,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from .files import set_default_mode
 
 FORMAT = 1
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -103,6 +106,7 @@ def prepare(out_dir, input=None, embedded=False, tokenizer=None, vocab_size=2048
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # padding is always masked
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    set_default_mode(tmp)           # mkdtemp's 0700 would keep the data private to its writer
     try:
         tok.save_pretrained(tmp / "tokenizer")
         with open(tmp / "tokens.bin", "wb") as f:
@@ -145,10 +149,33 @@ def _install(tmp: Path, out: Path) -> None:
 
 
 def _builder(path: Path):
+    """The `datasets` builder for a file, by extension; a file without one is plain text if it decodes as such."""
     name = path.name.lower()
     for ext in _COMPRESSED:
         name = name.removesuffix(ext)
-    return _BUILDERS.get(Path(name).suffix)
+    suffix = Path(name).suffix
+    if suffix == "" and name == path.name.lower():       # no extension at all (and not compressed)
+        return "text" if _utf8_error(path) is None else None
+    return _BUILDERS.get(suffix)
+
+
+def _utf8_error(path: Path, chunk=1 << 20):
+    """None if the (uncompressed) file is UTF-8 text without NUL bytes, else where and why it is not."""
+    import codecs
+    dec, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            try:
+                dec.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                return f"byte {offset + e.start} is not UTF-8 ({e.reason})"
+            nul = block.find(b"\0")
+            if nul >= 0:
+                return f"byte {offset + nul} is a NUL (binary data)"
+            if not block:
+                return None
+            offset += len(block)
 
 
 def _read_documents(path: Path, text_field: str):
@@ -163,7 +190,13 @@ def _read_documents(path: Path, text_field: str):
         builder = _builder(f)
         if builder is None:
             raise DataError(f"unknown file type: {f}; supported: {' '.join(_BUILDERS)} (optionally "
-                            f"{' '.join(_COMPRESSED)} compressed); move other files out of the input")
+                            f"{' '.join(_COMPRESSED)} compressed), or UTF-8 text without an extension; rename "
+                            "plain-text files to .txt to include them, or move other files out of the input")
+        if builder != "parquet" and not f.name.lower().endswith(_COMPRESSED):
+            bad = _utf8_error(f)       # `datasets` would name the first file of the group, not the bad one
+            if bad:
+                raise DataError(f"{f} is not UTF-8 text: {bad}; convert it (e.g. `iconv -f latin1 -t utf-8`) "
+                                "or move it out of the input")
         groups.setdefault(builder, []).append(str(f))
     import datasets
     docs = []

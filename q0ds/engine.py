@@ -71,6 +71,9 @@ def load_ds_config(path) -> dict:
     p = Path(path)
     if not p.is_file() and not p.is_absolute() and (ROOT / p).is_file():
         p = ROOT / p                 # a shipped config, wherever the command runs from
+    if p.is_dir():
+        raise ConfigError(f"DeepSpeed config {p} is a directory, not a file (run config key `ds_config`); "
+                          "name a .hjson/.json file in it, e.g. ds_configs/zero3_cpu.hjson")
     if not p.is_file():
         raise ConfigError(f"DeepSpeed config {p} not found (run config key `ds_config`); see ds_configs/")
     try:

@@ -8,7 +8,9 @@ Mixing is in probability space (method.md), never logit averaging. All members s
 """
 from __future__ import annotations
 
+import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ from .snapshot import verify
 
 
 class MixtureLM:
-    def __init__(self, snapshot_dirs, weights, device="cpu"):
+    def __init__(self, snapshot_dirs, weights, device="cpu", seq_len: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         if len(snapshot_dirs) != len(weights) or not snapshot_dirs:
             raise ValueError("need one weight per snapshot dir, and at least one")
@@ -32,17 +34,19 @@ class MixtureLM:
         if len(vocab) != 1:
             raise ValueError(f"members have different vocab sizes {sorted(vocab)}; they cannot be mixed token by token")
         self.device = device
+        # the context the members were trained on; position embeddings beyond it exist but were never trained
+        self.seq_len = seq_len or self.models[0].config.max_position_embeddings
 
     @classmethod
     def from_run(cls, run, k: int, device="cpu"):
-        from .population import PriorError, _topk
+        from .population import PriorError, topk_weights
         run = Path(run)
         if not (run / "prior.json").is_file():
             raise PriorError(f"{run / 'prior.json'} not found: run `q0ds fit-prior --run {run}` first")
         prior = read_prior_json(run / "prior.json")
-        idx, w = _topk(prior["weights"], k)
+        idx, w = topk_weights(prior["weights"], k)
         dirs = [run / "bases" / m.split("/")[0] / "snapshots" / m.split("/")[1] for m in (prior["members"][i] for i in idx)]
-        return cls(dirs, w.tolist(), device)
+        return cls(dirs, w.tolist(), device, seq_len=_trained_seq_len(run))
 
     @torch.no_grad()
     def logprobs(self, input_ids) -> torch.Tensor:
@@ -61,9 +65,11 @@ class MixtureLM:
         """Sample token by token from the mixture (temperature 0 = greedy)."""
         gen = torch.Generator().manual_seed(seed)
         ids = self.tokenizer(prompt, return_tensors="pt").input_ids
-        max_pos = self.models[0].config.max_position_embeddings
+        if ids.shape[1] > self.seq_len:
+            print(f"q0ds generate: the prompt has {ids.shape[1]} tokens, more than the trained seq_len "
+                  f"{self.seq_len}; the mixture sees only its last {self.seq_len} tokens", file=sys.stderr)
         for _ in range(max_new_tokens):
-            lp = self.next_token_logprobs(ids[:, -max_pos:])[0].cpu()
+            lp = self.next_token_logprobs(ids[:, -self.seq_len:])[0].cpu()
             if temperature <= 0:
                 nxt = int(lp.argmax())
             else:
@@ -72,3 +78,9 @@ class MixtureLM:
             if nxt == self.tokenizer.eos_token_id:
                 break
         return self.tokenizer.decode(ids[0], skip_special_tokens=True)
+
+
+def _trained_seq_len(run: Path) -> int | None:
+    """train.seq_len of the run's resolved config (None if the run dir has no config.json)."""
+    path = run / "config.json"
+    return json.loads(path.read_text())["train"]["seq_len"] if path.is_file() else None

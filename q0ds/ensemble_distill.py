@@ -111,7 +111,7 @@ def _split_options(overrides):
 
 def resolve(run, k: int, overrides=()) -> tuple[RunConfig, dict, dict]:
     """(student RunConfig, teacher spec, ensemble options). The spec names the teachers exactly."""
-    from .population import PriorError, _topk
+    from .population import PriorError, topk_weights
     from .prior import read_prior_json
     from .snapshot import read_meta
     run = Path(run)
@@ -127,7 +127,7 @@ def resolve(run, k: int, overrides=()) -> tuple[RunConfig, dict, dict]:
     if cfg.bases != 1:
         raise ConfigError("distill-ensemble trains one student: bases must be 1")
     prior = read_prior_json(run / "prior.json")
-    idx, w = _topk(prior["weights"], k)
+    idx, w = topk_weights(prior["weights"], k)
     ids = [prior["members"][i] for i in idx]
     snaps = [member_dir(run, m) for m in ids]
     metas = [read_meta(s) for s in snaps]
@@ -323,8 +323,8 @@ def write_distill_report(run, k: int, out=None) -> dict:
 
 
 def plot_summary(s: dict, path: Path):
-    from .report import _plt, _save
-    plt = _plt()
+    from .report import pyplot, save_figure
+    plt = pyplot()
     v = s["val_loss"]
     names = ["best single\nmember", "distilled\n(1 forward)", f"top-{s['k']} mixture\n({s['k']} forwards)"]
     vals = [v["best_single"], v["distilled"], v["mixture"]]
@@ -338,7 +338,7 @@ def plot_summary(s: dict, path: Path):
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"Ensemble distillation, K={s['k']}: {s['cost']['student_epochs']:.1f} epochs, "
                  f"gain retained {frac:.0%}" if frac is not None else f"Ensemble distillation, K={s['k']}")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def format_summary(s: dict) -> str:
@@ -391,14 +391,14 @@ def main(argv=None) -> int:
     p.add_argument("--bench", default=None, help="e.g. 0,1,2,4,4/1: time steps vs K (K/S: S swapped engines)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
-    from .cli import _user_errors
+    from .errors import user_errors
     try:
         if a.bench:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             print(json.dumps(bench_step_time(a.run, a.bench.split(","), a.overrides), indent=1))
             return 0
         return distill_ensemble(a.run, a.k, a.overrides)
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"q0ds distill-ensemble (rank {os.environ.get('RANK', 0)}): error: {e}", file=sys.stderr)
         return 2
 

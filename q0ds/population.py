@@ -42,6 +42,10 @@ def load_member_scores(run, split: str, members=None, check_weights: bool = True
         if split == "val" and not (s / "val.safetensors").is_file():
             score_member_from_weights(s, run)
             meta = read_meta(s)
+        if split == "fitness" and not (s / "fitness.safetensors").is_file():
+            raise PriorError(f"{s / 'fitness.safetensors'} is missing: snapshot {member_id(s)} was never scored on "
+                             f"the fitness set. Score it with `q0ds rescore --run {run} --member {member_id(s)}`, or "
+                             f"exclude it by moving {s} out of {run}/bases, then run fit-prior again")
         rows.append(load_scores(s, split))
         metas.append(meta)
     fps = {m.get(f"{split}_fingerprint") for m in metas}
@@ -69,11 +73,15 @@ def fit_prior_run(run, steps: int = 300, lr: float = 0.5) -> dict:
     return read_prior_json(run / "prior.json")
 
 
-def _topk(weights, k):
+def topk_weights(weights, k):
+    """(indices, renormalised weights) of the K heaviest members; a K the prior cannot give is a PriorError."""
     try:
         return top_k(weights, k)
     except ValueError as e:
         raise PriorError(str(e)) from None
+
+
+_topk = topk_weights               # the former private name
 
 
 def eval_run(run, ks=None) -> dict:
@@ -87,11 +95,11 @@ def eval_run(run, ks=None) -> dict:
     M = len(ids)
     ks = sorted(set(ks or default_ks(M)))
     for k in ks:
-        _topk(prior["weights"], k)                      # refuse k > M before any work
+        topk_weights(prior["weights"], k)                      # refuse k > M before any work
     singles = [-(V[i].clamp_min(1e-30).log().double().mean().item()) for i in range(M)]
     rows = []
     for k in ks:
-        idx, w = _topk(prior["weights"], k)
+        idx, w = topk_weights(prior["weights"], k)
         by_val = sorted(range(M), key=lambda i: singles[i])[:k]
         rows.append({"k": k, "weighted": mixture_nll(V[idx], w), "uniform_topk": mixture_nll(V[idx], [1.0 / k] * k),
                      "members": [ids[i] for i in idx], "uniform_best_val_k": mixture_nll(V[by_val], [1.0 / k] * k)})
@@ -185,15 +193,50 @@ def _print_eval(run, out):
               + (f", best {b['best_val_loss']:.4f} at epoch {b['saturation_epoch']:.1f}" if "best_val_loss" in b else ""))
 
 
-def score_member_from_weights(snap_dir, run):
-    """Fallback when a snapshot has no cached val scores: load it (one model in memory) and score it."""
+def score_member_from_weights(snap_dir, run, splits=("val",)):
+    """Score a snapshot from its weights (one model in memory) on the run's SPLITS and store the scores: the
+    fallback when a snapshot has no cached val scores, and `q0ds rescore`. The scoring sets are rebuilt from
+    the run's prepared data and must match the fingerprints the trainer recorded."""
     from transformers import AutoModelForCausalLM
     from .data import PreparedData
-    from .snapshot import token_logprobs, write_scores
+    from .snapshot import token_logprobs, windows_fingerprint, write_scores
     cfg = read_config_file(Path(run) / "config.json")
     data = PreparedData.open(cfg["data"])
-    windows, mask = data.eval_windows("val", cfg["train"]["seq_len"])
+    meta = verify(snap_dir)
     model = AutoModelForCausalLM.from_pretrained(snap_dir, local_files_only=True).eval()
-    lp = token_logprobs(model, windows, mask, batch=cfg["eval"]["batch"])
-    write_scores(snap_dir, {"val": lp.exp()}, {"val_loss": -lp.double().mean().item()})
+    scores, updates = {}, {}
+    for split in splits:
+        windows, mask = data.eval_windows(split, cfg["train"]["seq_len"])
+        fp = windows_fingerprint((windows, mask))
+        if meta.get(f"{split}_fingerprint") not in (None, fp):
+            raise PriorError(f"{snap_dir} was scored on a different {split} set than {cfg['data']} gives now; "
+                             "rescore it with the prepared data it was trained on")
+        lp = token_logprobs(model, windows, mask, batch=cfg["eval"]["batch"])
+        scores[split] = lp.exp()
+        updates[f"{split}_fingerprint"] = fp
+        if split == "val":
+            updates["val_loss"] = -lp.double().mean().item()
+    write_scores(snap_dir, scores, updates)
     del model
+
+
+def rescore_run(run, members=None) -> list[str]:
+    """`q0ds rescore`: score the named members (ids like base-00/cycle-0003) on the fitness and val sets, or,
+    with no names, every snapshot of RUN that lacks a score file. Returns the ids rescored."""
+    run = Path(run)
+    snaps = list_snapshots(run, scored_only=False)
+    by_id = {member_id(s): s for s in snaps}
+    if members:
+        unknown = [m for m in members if m not in by_id]
+        if unknown:
+            raise PriorError(f"no snapshot {unknown[0]} in {run}/bases (members look like base-00/cycle-0003; "
+                             f"{len(by_id)} found)")
+        todo = [by_id[m] for m in members]
+    else:
+        todo = [s for s in snaps if not all((s / f"{k}.safetensors").is_file() for k in ("fitness", "val"))]
+    for s in todo:
+        score_member_from_weights(s, run, splits=("fitness", "val"))
+        print(f"[q0ds] rescored {member_id(s)}: val loss {read_meta(s)['val_loss']:.4f}", flush=True)
+    if not todo:
+        print(f"[q0ds] every snapshot of {run} has its fitness and val scores; nothing to rescore", flush=True)
+    return [member_id(s) for s in todo]

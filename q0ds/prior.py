@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .files import set_default_mode
+
 _TINY = torch.finfo(torch.float32).tiny      # probabilities are clamped here before the log
 _BLOCK = 4096                                # tokens per block: 480 x 4096 x 4 B = 7.9 MB, fits L3
 _ONE_HOT_LOGIT = -1e4                        # finite "-inf" so a one-hot choice stays valid JSON
@@ -276,6 +278,7 @@ def write_prior_json(path, member_ids, fit: PriorFit, ks=None, extra: dict | Non
             json.dump(doc, f, indent=1, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
+        set_default_mode(tmp)       # mkstemp's 0600 would keep prior.json private to its writer
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

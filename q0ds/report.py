@@ -12,22 +12,24 @@ from .config import atomic_write_text
 from .population import epochs_to_match
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(fig, path):
+def save_figure(fig, path):
+    """Lay out, write (creating the dir) and close a figure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def plot_val_vs_epochs(ev, path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     b = ev["baselines"]
     if "single" in b:
@@ -44,11 +46,11 @@ def plot_val_vs_epochs(ev, path):
     ax.set_title("Validation loss vs training budget")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_val_vs_k(ev, path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ks = [r["k"] for r in ev["topk"]]
     ax.plot(ks, [r["weighted"] for r in ev["topk"]], "o-", label="top-K, prior weights")
@@ -63,11 +65,11 @@ def plot_val_vs_k(ev, path):
     ax.set_title("Any inference budget: val loss vs K")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_prior_weights(prior, path):
-    plt = _plt()
+    plt = pyplot()
     by_base: dict[str, list] = {}
     for m, w in zip(prior["members"], prior["weights"]):
         base, cyc = m.split("/")
@@ -80,11 +82,11 @@ def plot_prior_weights(prior, path):
     ax.set_ylabel("prior weight")
     ax.set_title("Learned prior: weight of each snapshot")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_schedule(metrics_path, path):
-    plt = _plt()
+    plt = pyplot()
     recs = [json.loads(l) for l in Path(metrics_path).read_text().splitlines() if l.startswith('{"step"')]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     steps = [r["step"] for r in recs]
@@ -96,7 +98,7 @@ def plot_schedule(metrics_path, path):
     ax.set_xlabel("optimizer step (base 0)")
     ax.set_title("Sawtooth LR with anti-phase WD (green: distilled steps)")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def headline(ev) -> dict:

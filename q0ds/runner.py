@@ -118,7 +118,9 @@ def run_all(config_path, overrides=(), parallel: int = 1, ranks: int = 1, baseli
             ensemble_members: int = 4) -> int:
     from .population import eval_run, fit_prior_run
     from .report import write_report
+    from .engine import load_ds_config
     cfg = load_config(config_path, overrides)
+    load_ds_config(cfg.ds_config)             # refuse a bad DeepSpeed config before the run dir exists
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     resolved = run / "config.json"

@@ -23,6 +23,7 @@ import torch
 
 from .config import atomic_write_text
 from .faults import crash_if
+from .files import save_safetensors
 
 
 class SnapshotError(ValueError):
@@ -52,7 +53,6 @@ def snapshot_dir(base_dir, cycle: int) -> Path:
 def write_snapshot(out_dir, state_dict, model_config, tokenizer_dir, meta: dict) -> dict:
     """Rank 0 only. Write weights + config + tokenizer + snapshot.json into a temp dir, then rename into place.
     An existing dir for the same cycle (a re-run after resume) is replaced."""
-    from safetensors.torch import save_file
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -64,7 +64,7 @@ def write_snapshot(out_dir, state_dict, model_config, tokenizer_dir, meta: dict)
                 continue
             seen.add(v.data_ptr())
             tensors[k] = v.detach().contiguous().cpu()
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         crash_if("crash_in_snapshot", meta.get("cycle"))
         model_config.save_pretrained(tmp)
         for f in Path(tokenizer_dir).iterdir():
@@ -93,11 +93,10 @@ def write_snapshot(out_dir, state_dict, model_config, tokenizer_dir, meta: dict)
 
 def write_scores(out_dir, scores: dict, updates: dict) -> dict:
     """Rank 0 only: store per-token probabilities ({"fitness": T, "val": T}) and mark the snapshot scored."""
-    from safetensors.torch import save_file
     out_dir = Path(out_dir)
     for name, p in scores.items():
         tmp = out_dir / f".{name}.safetensors.tmp"
-        save_file({"p": p.float().contiguous()}, tmp)
+        save_safetensors({"p": p.float().contiguous()}, tmp)
         os.replace(tmp, out_dir / f"{name}.safetensors")
     meta = read_meta(out_dir)
     meta.update(updates, scored=True)

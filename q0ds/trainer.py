@@ -84,17 +84,29 @@ def _rotate(ckpt_dir: Path, keep: int):
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _write_run_config(cfg: RunConfig):
-    """The run dir holds one resolved config; a relaunch with a different one is refused, naming the keys."""
+def _write_run_config(cfg: RunConfig, base_path: Path | None = None):
+    """The run dir holds one resolved config; a relaunch with a different one is refused, naming the keys.
+    Called once the run config, data, model and DeepSpeed config are all validated, so a refused launch
+    writes nothing. Creates BASE_PATH too; a run dir we cannot write to is a one-line ConfigError."""
     path = Path(cfg.run_dir) / "config.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = _diff(old, cfg.to_dict())
-        if diff:
-            raise ConfigError(f"{path} was written by a different config (differs in: {', '.join(diff)}); "
-                              "use a new run_dir, or restore the original settings to resume")
-    else:
-        save_config(cfg, path)
+    try:
+        if base_path is not None:
+            base_path.mkdir(parents=True, exist_ok=True)
+            probe = base_path / f".write-test-{os.getpid()}"     # an existing, resumed run dir may be read-only
+            probe.touch()
+            probe.unlink()
+        if path.is_file():
+            old = json.loads(path.read_text())
+            diff = _diff(old, cfg.to_dict())
+            if diff:
+                raise ConfigError(f"{path} was written by a different config (differs in: {', '.join(diff)}); "
+                                  "use a new run_dir, or restore the original settings to resume")
+        else:
+            save_config(cfg, path)
+    except OSError as e:
+        where = e.filename or cfg.run_dir
+        raise ConfigError(f"cannot write to the run dir: {where}: {e.strerror}; make {cfg.run_dir} writable "
+                          "or set `run_dir` to a writable directory") from None
 
 
 def _diff(a, b, prefix=""):
@@ -121,13 +133,12 @@ class BaseTrainer:
         self.plan = run_plan(cfg, self.data.windows_per_epoch(t.seq_len))
         self.dir = base_dir(cfg, base)
         self.ckpt_dir = self.dir / "checkpoints"
-        if self.rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            _write_run_config(cfg)
         self.model_config = build_config(cfg.model, self.data.vocab_size, self.data.eos_id,
                                          self.data.meta.get("pad_id", self.data.eos_id), t.seq_len)
         self.seed = cfg.seed + base
         ds = E.student_ds_config(E.load_ds_config(cfg.ds_config), cfg, self.world)
+        if self.rank == 0:           # only now: a launch refused above leaves no run dir and no config.json
+            _write_run_config(cfg, self.dir)
         self.student, self.sched = E.make_student(build_model(self.model_config, self.seed), ds, cfg.optim,
                                                   lambda s: multipliers(min(s, self.plan.total_steps - 1), self.plan, cfg.schedule))
         d = cfg.distill

@@ -64,6 +64,17 @@ EXIT_PREEMPTED=75   # the trainer's "checkpoint written, relaunch to continue" (
 say() { echo "q0_bases [$(date '+%F %T')]: $*"; }
 die() { echo "q0_bases: ERROR: $*" >&2; exit 1; }
 
+# job_hosts LIST: the job's host names, one a line. scontrol expands SLURM's compressed form (node[01-04]);
+# where there is no scontrol (a node launch started by hand or by a test), a plain comma list is used as is.
+job_hosts() {
+    if command -v scontrol >/dev/null; then
+        scontrol show hostnames "$1"
+    else
+        [[ $1 != *[* ]] || die "cannot expand the node list '$1' without scontrol; give the host names separated by commas"
+        tr ',' '\n' <<<"$1"
+    fi
+}
+
 # --- signal forwarding (see the header) -------------------------------------------------------------
 CHILD=""        # pid of the launcher = its process group id (setsid)
 RESENDER=""     # background loop repeating SIGUSR1 (see below)
@@ -121,7 +132,7 @@ if [[ ${1:-} == --node-launch ]]; then
     ds=$1 ranks=$2 nnodes=$3 master=$4 port=$5
     shift 5
     hostfile="${TMPDIR:-/tmp}/q0ds-hostfile-${SLURM_JOB_ID}-${SLURM_NODEID}"
-    scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$ranks/" >"$hostfile"
+    job_hosts "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$ranks/" >"$hostfile"
     rc=0
     run_forwarding "$ds" --hostfile "$hostfile" --no_ssh --node_rank "$SLURM_NODEID" --num_nodes "$nnodes" \
         --num_gpus "$ranks" --master_addr "$master" --master_port "$port" "$@" || rc=$?

@@ -3,6 +3,10 @@ distillation from cycle 2 and perturbation. Checks snapshots (HF-loadable, repro
 the schedule in metrics.jsonl, the teacher refresh, and that pre-emption and a hard kill both resume to
 exactly the uninterrupted run. Never skipped in CI."""
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +106,50 @@ def test_resume_refuses_changed_world_size(straight):
     p = run_launcher(path, 0, ranks=1, check=False)
     assert p.returncode != 0
     assert "world size 2" in p.stderr + p.stdout
+
+
+def _second_host() -> str:
+    """A second name for this machine: its host name if that resolves to a local address, else 127.0.0.1."""
+    name = socket.gethostname()
+    try:
+        local = name != "localhost" and socket.gethostbyname(name).startswith("127.")
+    except OSError:
+        local = False
+    return name if local else "127.0.0.1"
+
+
+def _node_launches(path, port, env=None, timeout=900):
+    """slurm/q0_bases.sh --node-launch once per "node", the way srun starts it on a 2-node allocation: one
+    deepspeed launcher per node (--no_ssh --node_rank), one CPU rank each, a hostfile of two distinct host
+    names that both resolve to this machine, and a shared master address and port."""
+    root = Path(__file__).resolve().parent.parent
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    procs = []
+    for node in (0, 1):
+        e = dict(os.environ, SLURM_JOB_ID="4242", SLURM_NODEID=str(node), SLURM_JOB_NODELIST=f"localhost,{_second_host()}",
+                 **(env or {}))
+        cmd = ["bash", str(root / "slurm/q0_bases.sh"), "--node-launch", str(deepspeed), "1", "2", "localhost",
+               str(port), "launchers/train.py", "--config", str(path), "--base", "0"]
+        procs.append(subprocess.Popen(cmd, cwd=root, env=e, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [p.returncode for p in procs], "\n".join(f"--- node {i}\n{o[-3000:]}" for i, o in enumerate(outs))
+
+
+@pytest.mark.slow
+def test_two_node_launches_form_one_job_and_match_single_launcher(straight):
+    """Item 6 of issue 15: the multi-node path of the SLURM script, on one machine. Two node launches form
+    one 2-rank ZeRO-3 job (dist_world_size=2), are pre-empted after a cycle end (exit 75 on both nodes),
+    resume, and give bit-identical snapshots to the 2-rank single-launcher run."""
+    config, cfg = straight
+    path, other = config("two-nodes")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rcs, log = _node_launches(path, port, env={"Q0DS_FAULT": "preempt_at_step=7"})
+    assert rcs == [75, 75], log
+    assert "nnodes=2" in log and "dist_world_size=2" in log and "pre-empted" in log, log
+    assert 0 < len(snapshot_hashes(other.run_dir)) < 4, log
+    rcs, log = _node_launches(path, port)
+    assert rcs == [0, 0], log
+    assert snapshot_hashes(other.run_dir) == snapshot_hashes(cfg.run_dir), log
+    assert step_losses(other.run_dir) == step_losses(cfg.run_dir)
