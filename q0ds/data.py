@@ -69,8 +69,11 @@ def prepare(out_dir, input=None, embedded=False, tokenizer=None, vocab_size=2048
     if embedded == (input is not None):
         raise DataError("pass exactly one of --input PATH or --embedded")
     if embedded:
-        from q0ds.corpus import embedded_documents, embedded_source
+        from q0ds.corpus import embedded_documents, embedded_source, interpreter_note
         docs, source = embedded_documents(), embedded_source()
+        note = interpreter_note()
+        if note:
+            print(f"prepare: {note}", flush=True)
     else:
         docs, source = _read_documents(Path(input), text_field)
     docs = [d for d in docs if d.strip()]

@@ -137,14 +137,14 @@ class BaseTrainer:
                                          self.data.meta.get("pad_id", self.data.eos_id), t.seq_len)
         self.seed = cfg.seed + base
         ds = E.student_ds_config(E.load_ds_config(cfg.ds_config), cfg, self.world)
-        if self.rank == 0:           # only now: a launch refused above leaves no run dir and no config.json
-            _write_run_config(cfg, self.dir)
         self.student, self.sched = E.make_student(build_model(self.model_config, self.seed), ds, cfg.optim,
                                                   lambda s: multipliers(min(s, self.plan.total_steps - 1), self.plan, cfg.schedule))
         d = cfg.distill
         self.teacher = (E.make_teacher(build_model(self.model_config, self.seed), ds)
                         if d.enabled and d.start_cycle < cfg.schedule.cycles else None)
         self.teacher_cycle = None
+        if self.rank == 0:   # only now that DeepSpeed accepted the config: a refused launch leaves no run dir behind
+            _write_run_config(cfg, self.dir)
         self.val = self.data.eval_windows("val", t.seq_len)
         self.fitness = self.data.eval_windows("fitness", t.seq_len) if cfg.eval.fitness else None
         self.fitness_fingerprint = windows_fingerprint(self.fitness) if self.fitness else None
