@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import RunConfig, load_config, save_config
+from .config import ConfigError, RunConfig, load_config, save_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,10 +122,14 @@ def run_all(config_path, overrides=(), parallel: int = 1, ranks: int = 1, baseli
     cfg = load_config(config_path, overrides)
     load_ds_config(cfg.ds_config)             # refuse a bad DeepSpeed config before the run dir exists
     run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
     resolved = run / "config.json"
-    if not resolved.is_file():
-        save_config(cfg, resolved)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        if not resolved.is_file():
+            save_config(cfg, resolved)
+    except OSError as e:
+        raise ConfigError(f"cannot write to the run dir: {e.filename or run}: {e.strerror}; make it writable "
+                          "or set `run_dir` to a writable directory") from None
     train_bases(resolved, parallel, ranks)
     if baselines:
         for name, bcfg in baseline_configs(cfg, ensemble_members).items():
