@@ -126,7 +126,7 @@ def _node_launches(path, port, env=None, timeout=900):
     deepspeed = Path(sys.executable).with_name("deepspeed")
     procs = []
     for node in (0, 1):
-        e = dict(os.environ, SLURM_JOB_ID="4242", SLURM_NODEID=str(node), SLURM_JOB_NODELIST=f"localhost,{_second_host()}",
+        e = dict(os.environ, SLURM_JOB_ID=str(port), SLURM_NODEID=str(node), SLURM_JOB_NODELIST=f"localhost,{_second_host()}",
                  **(env or {}))
         cmd = ["bash", str(root / "slurm/q0_bases.sh"), "--node-launch", str(deepspeed), "1", "2", "localhost",
                str(port), "launchers/train.py", "--config", str(path), "--base", "0"]
