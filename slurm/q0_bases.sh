@@ -132,7 +132,8 @@ if [[ ${1:-} == --node-launch ]]; then
     ds=$1 ranks=$2 nnodes=$3 master=$4 port=$5
     shift 5
     hostfile="${TMPDIR:-/tmp}/q0ds-hostfile-${SLURM_JOB_ID}-${SLURM_NODEID}"
-    job_hosts "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$ranks/" >"$hostfile"
+    hosts=$(job_hosts "$SLURM_JOB_NODELIST") || exit 1
+    sed "s/\$/ slots=$ranks/" <<<"$hosts" >"$hostfile"
     rc=0
     run_forwarding "$ds" --hostfile "$hostfile" --no_ssh --node_rank "$SLURM_NODEID" --num_nodes "$nnodes" \
         --num_gpus "$ranks" --master_addr "$master" --master_port "$port" "$@" || rc=$?
