@@ -27,6 +27,8 @@ def _user_errors():
     from .snapshot import SnapshotError
     from .trainer import NonFiniteLoss, ResumeError
     errs = [ConfigError, DataError, ModelError, SnapshotError, ResumeError, NonFiniteLoss, FileNotFoundError]
+    from .runlock import LockError
+    errs.append(LockError)
     from .population import PriorError
     errs.append(PriorError)
     try:
