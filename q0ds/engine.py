@@ -91,13 +91,15 @@ def finish():
 
 
 def exit_process(code: int):
-    """End a launcher rank with `code` without running interpreter teardown. After finish() every file is closed
-    and every collective done, but torch.distributed/gloo and DeepSpeed objects still hold C++ threads; when the
-    ranks tear down at different moments (rank 0 first, its TCPStore gone), destroying a still-joinable
-    std::thread calls std::terminate: "terminate called without an active exception", the rank dies -6, the
-    launcher returns 250 and SLURM marks a finished base FAILED (~3 in 50 2-rank runs even with barrier +
-    destroy, deepspeed.md section 9). os._exit skips those destructors, so the code we return is the code the
-    launcher sees. stdio and logging are flushed first; our writes are atomic and already fsynced."""
+    """End a launcher rank with `code` without running interpreter finalization. After finish() every file is
+    closed and every collective done, but C++ objects of torch.distributed (gloo pairs and worker threads, the
+    TCPStore client) and DeepSpeed are still alive and are destroyed during interpreter finalization, racing with
+    the other rank's teardown (rank 0 hosts the TCPStore): destroying a still-joinable std::thread, or work that
+    re-acquires the GIL of a dying interpreter, aborts the process with "terminate called without an active
+    exception" (pytorch issue #190489, PR #179291: SIGABRT from gloo threads during finalization). The rank dies
+    -6, the launcher returns 250 and SLURM marks a finished base FAILED (~3 in 50 2-rank runs despite barrier +
+    destroy, deepspeed.md section 9). os._exit skips finalization, so the code we return is the code the launcher
+    sees. stdio and logging are flushed first; our writes are atomic and already fsynced, TensorBoard/W&B closed."""
     import logging
     import sys
     for stream in (sys.stdout, sys.stderr):
@@ -371,7 +373,27 @@ def drop_universal(ckpt_dir):
 
 
 def load_checkpoint(engine, ckpt_dir, tag: str) -> dict:
+    universal = engine.load_universal_checkpoint()
+    inner = getattr(engine.optimizer, "optimizer", None)        # the torch optimizer inside ZeRO-3
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups] if universal else []
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+    if universal:
+        _repair_universal_load(inner, groups)
     return client
+
+
+def _repair_universal_load(inner, groups):
+    """Two faults of DeepSpeed 0.19.8's ZeRO-3 universal load (runtime/zero/stage3.py,
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3), found by the 2 -> 1 rank resume test (loss off by 1e-2
+    one step after the resume): (1) every sub-group gets the *same* `step` tensor object (state[0]['step']);
+    torch's AdamW increments it in place once per group, so with our 4 groups the shared counter advances 4 per
+    step and the bias correction is wrong; each group gets its own copy. (2) every param group is given group
+    0's hyperparameters (name, weight_decay: the 1-D group would get decay); the groups' own values, built from
+    the same (fingerprint-checked) config, are put back. lr/wd are re-synced by the trainer's scheduler."""
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    for g, saved in zip(inner.param_groups, groups):
+        g.update(saved)
