@@ -31,4 +31,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from q0ds.engine import exit_process
+    exit_process(code)          # not sys.exit: see engine.exit_process ("terminate called without an active exception")

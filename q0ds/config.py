@@ -146,6 +146,21 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Where per-step records go besides metrics.jsonl (q0ds/monitor.py). Not part of the trajectory: changing it
+    on a relaunch is allowed and does not change the run fingerprint."""
+    tensorboard: bool = False     # <base dir>/tensorboard (torch.utils.tensorboard); `tensorboard --logdir RUN`
+    wandb: bool = False           # Weights & Biases run per base (and one for fit-prior)
+    wandb_mode: str = "offline"   # offline (no network; `wandb sync <base dir>/wandb/offline-run-*` later) | online
+    wandb_project: str = "q0ds"
+    wandb_entity: str = ""        # "" = the W&B default entity
+
+    def check(self):
+        _require(self.wandb_mode in ("offline", "online"), "monitor.wandb_mode", "must be offline or online")
+        _require(bool(self.wandb_project), "monitor.wandb_project", "must not be empty")
+
+
+@dataclass
 class RunConfig:
     data: str = ""                # prepared data dir (`q0ds prepare`)
     run_dir: str = "runs/default"
@@ -159,6 +174,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def check(self):
         _require(bool(self.data), "data", "set the prepared data dir (run `q0ds prepare` first)")
@@ -172,7 +188,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def fingerprint(self, exclude=("run_dir",)) -> str:
+    def fingerprint(self, exclude=("run_dir", "monitor")) -> str:
         """Hash of everything that changes the trajectory (resume refuses a different one)."""
         d = {k: v for k, v in self.to_dict().items() if k not in exclude}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

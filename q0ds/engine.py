@@ -31,7 +31,32 @@ def setup_distributed() -> tuple[int, int, int]:
     import deepspeed
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(verbose=False)
+        _unlink_shm_buffer()
     return rank(), world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def shm_buffer_path(rank_: int, addr=None, port=None) -> Path:
+    """DeepSpeed's CPU shm all-reduce buffer of one rank (ops/csrc/cpu/comm/shm.cpp, shm_initialize: the name is
+    deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>; ~69 MB each)."""
+    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank_}"
+
+
+def _unlink_shm_buffer():
+    """Remove this rank's shm all-reduce buffer name right after start-up. DeepSpeed never unlinks it (shm.cpp's
+    shared_close is never called), so every launch used to leave world_size x 69 MB in /dev/shm. The buffers
+    are created in TorchBackend.__init__ (comm/torch.py -> shm_interface.cpp initialize, only when all ranks are
+    local: LOCAL_SIZE == world size), and shm_initialize returns only after this rank has mmap'ed every other
+    rank's buffer; after a barrier every rank has mapped all of them, so the names can go: the mappings stay
+    valid and the kernel frees the memory when the last rank exits, whether it succeeds, fails or is killed."""
+    if world_size() <= 1 and "LOCAL_SIZE" not in os.environ:
+        return
+    barrier()
+    try:
+        shm_buffer_path(rank()).unlink()
+    except FileNotFoundError:
+        pass                    # multi-node (no shm all-reduce) or shm op unavailable
 
 
 def rank() -> int:
@@ -63,6 +88,27 @@ def finish():
         import deepspeed.comm as dist
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int):
+    """End a launcher rank with `code` without running interpreter finalization. After finish() every file is
+    closed and every collective done, but C++ objects of torch.distributed (gloo pairs and worker threads, the
+    TCPStore client) and DeepSpeed are still alive and are destroyed during interpreter finalization, racing with
+    the other rank's teardown (rank 0 hosts the TCPStore): destroying a still-joinable std::thread, or work that
+    re-acquires the GIL of a dying interpreter, aborts the process with "terminate called without an active
+    exception" (pytorch issue #190489, PR #179291: SIGABRT from gloo threads during finalization). The rank dies
+    -6, the launcher returns 250 and SLURM marks a finished base FAILED (~3 in 50 2-rank runs despite barrier +
+    destroy, deepspeed.md section 9). os._exit skips finalization, so the code we return is the code the launcher
+    sees. stdio and logging are flushed first; our writes are atomic and already fsynced, TensorBoard/W&B closed."""
+    import logging
+    import sys
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 # ---------------------------------------------------------------- configs
@@ -279,8 +325,78 @@ def save_checkpoint(engine, ckpt_dir, tag: str, client_state: dict):
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
 
 
+UNIVERSAL_DIR = "universal"
+UNIVERSAL_DONE = "q0ds_universal.json"
+
+
+def universal_ds_config(ds_cfg: dict) -> dict:
+    """The student's engine config for loading a universal checkpoint. DeepSpeed reads `checkpoint.load_universal`
+    once, at engine construction (runtime/engine.py, DeepSpeedEngine.load_universal_checkpoint -> _config), so the
+    trainer must know before building the engine that the checkpoint came from another world size."""
+    c = copy.deepcopy(ds_cfg)
+    c.setdefault("checkpoint", {})["load_universal"] = True
+    return c
+
+
+def to_universal(ckpt_dir, tag: str, source_world: int) -> Path:
+    """Convert ZeRO checkpoint <ckpt_dir>/<tag> (written by `source_world` ranks) to a universal checkpoint in
+    <ckpt_dir>/universal/<tag> with DeepSpeed's own converter (deepspeed/checkpoint/ds_to_universal.py, main:
+    its stage-3 path merges every rank's fp32 + Adam fragments into one file per parameter under zero/ and copies
+    the model-state files, which carry our client state). Rank 0 converts (serially: one worker, no fork inside a
+    process group), every rank waits; a finished conversion is reused. Collective. Returns the dir to load from
+    (tag unchanged), with the engine built from universal_ds_config."""
+    import argparse
+    src = Path(ckpt_dir) / tag
+    root = Path(ckpt_dir) / UNIVERSAL_DIR
+    out = root / tag
+    error = None
+    if rank() == 0 and not (out / UNIVERSAL_DONE).is_file():
+        import shutil
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+        shutil.rmtree(out, ignore_errors=True)
+        try:
+            ds_to_universal(argparse.Namespace(input_folder=str(src), output_folder=str(out), num_extract_workers=1,
+                                               num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                               inject_missing_state=False))
+            (out / UNIVERSAL_DONE).write_text(f'{{"source_world_size": {source_world}}}\n')
+        except Exception as e:                  # reported on every rank below, not just rank 0
+            error = f"{type(e).__name__}: {e}"
+    if any_rank(error is not None):
+        raise RuntimeError(f"checkpoint {src} (world size {source_world}) could not be converted to a universal "
+                           f"checkpoint ({error or 'failed on rank 0'}). Convert it by hand: python -m "
+                           f"deepspeed.checkpoint.ds_to_universal --input_folder {src} --output_folder {out} "
+                           f"&& touch {out / UNIVERSAL_DONE}, or relaunch with {source_world} ranks")
+    return root
+
+
+def drop_universal(ckpt_dir):
+    """Remove converted universal copies once the run has written a checkpoint of its own (rank 0)."""
+    import shutil
+    shutil.rmtree(Path(ckpt_dir) / UNIVERSAL_DIR, ignore_errors=True)
+
+
 def load_checkpoint(engine, ckpt_dir, tag: str) -> dict:
+    universal = engine.load_universal_checkpoint()
+    inner = getattr(engine.optimizer, "optimizer", None)        # the torch optimizer inside ZeRO-3
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups] if universal else []
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+    if universal:
+        _repair_universal_load(inner, groups)
     return client
+
+
+def _repair_universal_load(inner, groups):
+    """Two faults of DeepSpeed 0.19.8's ZeRO-3 universal load (runtime/zero/stage3.py,
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3), found by the 2 -> 1 rank resume test (loss off by 1e-2
+    one step after the resume): (1) every sub-group gets the *same* `step` tensor object (state[0]['step']);
+    torch's AdamW increments it in place once per group, so with our 4 groups the shared counter advances 4 per
+    step and the bias correction is wrong; each group gets its own copy. (2) every param group is given group
+    0's hyperparameters (name, weight_decay: the 1-D group would get decay); the groups' own values, built from
+    the same (fingerprint-checked) config, are put back. lr/wd are re-synced by the trainer's scheduler."""
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    for g, saved in zip(inner.param_groups, groups):
+        g.update(saved)

@@ -13,10 +13,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .model import ModelError
     from .population import PriorError
+    from .runlock import LockError
     from .snapshot import SnapshotError
     from .trainer import NonFiniteLoss, ResumeError
     errs = [ConfigError, DataError, ModelError, SnapshotError, ResumeError, NonFiniteLoss, PriorError,
-            FileNotFoundError]
+            LockError, FileNotFoundError]
     try:
         from .lm_eval_adapter import LMEvalError
         errs.append(LMEvalError)

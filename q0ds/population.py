@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import atomic_write_text, read_config_file
+from .monitor import log_prior, monitor_config_of
 from .prior import default_ks, fit_prior, mixture_nll, read_prior_json, top_k, write_prior_json
 from .snapshot import SnapshotError, list_snapshots, load_scores, member_id, read_meta, verify
 
@@ -67,6 +68,13 @@ def fit_prior_run(run, steps: int = 300, lr: float = 0.5) -> dict:
     extra = {"fitness_tokens": int(P.shape[1]), "fitness_fingerprint": metas[0].get("fitness_fingerprint"),
              "fit_seconds": round(time.time() - t0, 3), "lr": lr}
     write_prior_json(run / "prior.json", ids, fit, extra=extra)
+    mcfg = monitor_config_of(run)
+    if mcfg.tensorboard or mcfg.wandb:
+        curve = {}                                   # the top-K curve: weighted top-K mixture NLL on fitness
+        for k in default_ks(len(ids)):
+            idx, w = _topk(fit.weights, k)
+            curve[k] = mixture_nll(P[idx], w)
+        log_prior(run, mcfg, read_prior_json(run / "prior.json"), curve)
     print(f"[q0ds] prior over {len(ids)} members on {P.shape[1]} fitness tokens: NLL {fit.loss:.4f} "
           f"(uniform {fit.baselines['uniform']:.4f}, best single {fit.baselines['best_single']:.4f}); "
           f"{run / 'prior.json'}")

@@ -28,6 +28,8 @@ from .data import PreparedData
 from .distill import distill_loss
 from .faults import crash_if, fault
 from .model import build_config, build_model
+from .monitor import Monitor, truncate_metrics
+from .runlock import BaseLock
 from .schedule import multipliers, perturb_scale, run_plan
 from .snapshot import snapshot_dir, token_logprobs, windows_fingerprint, write_scores, write_snapshot
 
@@ -84,20 +86,23 @@ def _rotate(ckpt_dir: Path, keep: int):
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _write_run_config(cfg: RunConfig, base_path: Path | None = None):
+def _write_run_config(cfg: RunConfig, base_path: Path | None = None) -> BaseLock | None:
     """The run dir holds one resolved config; a relaunch with a different one is refused, naming the keys.
     Called once the run config, data, model and DeepSpeed config are all validated, so a refused launch
-    writes nothing. Creates BASE_PATH too; a run dir we cannot write to is a one-line ConfigError."""
+    writes nothing. Creates BASE_PATH too and takes its one-writer lock (q0ds/runlock.py) before writing any
+    file there; returns the lock. A run dir we cannot write to is a one-line ConfigError."""
     path = Path(cfg.run_dir) / "config.json"
+    lock = None
     try:
         if base_path is not None:
             base_path.mkdir(parents=True, exist_ok=True)
             probe = base_path / f".write-test-{os.getpid()}"     # an existing, resumed run dir may be read-only
             probe.touch()
             probe.unlink()
+            lock = BaseLock(base_path)
         if path.is_file():
             old = json.loads(path.read_text())
-            diff = _diff(old, cfg.to_dict())
+            diff = [k for k in _diff(old, cfg.to_dict()) if not k.startswith("monitor.")]   # not the trajectory
             if diff:
                 raise ConfigError(f"{path} was written by a different config (differs in: {', '.join(diff)}); "
                                   "use a new run_dir, or restore the original settings to resume")
@@ -107,6 +112,7 @@ def _write_run_config(cfg: RunConfig, base_path: Path | None = None):
         where = e.filename or cfg.run_dir
         raise ConfigError(f"cannot write to the run dir: {where}: {e.strerror}; make {cfg.run_dir} writable "
                           "or set `run_dir` to a writable directory") from None
+    return lock
 
 
 def _diff(a, b, prefix=""):
@@ -133,10 +139,14 @@ class BaseTrainer:
         self.plan = run_plan(cfg, self.data.windows_per_epoch(t.seq_len))
         self.dir = base_dir(cfg, base)
         self.ckpt_dir = self.dir / "checkpoints"
+        self.lock = None
         self.model_config = build_config(cfg.model, self.data.vocab_size, self.data.eos_id,
                                          self.data.meta.get("pad_id", self.data.eos_id), t.seq_len)
         self.seed = cfg.seed + base
         ds = E.student_ds_config(E.load_ds_config(cfg.ds_config), cfg, self.world)
+        self.source_world = self._checkpoint_world()
+        if self.source_world not in (None, self.world):      # resume on another world size: universal checkpoint
+            ds = E.universal_ds_config(ds)
         self.student, self.sched = E.make_student(build_model(self.model_config, self.seed), ds, cfg.optim,
                                                   lambda s: multipliers(min(s, self.plan.total_steps - 1), self.plan, cfg.schedule))
         d = cfg.distill
@@ -144,7 +154,7 @@ class BaseTrainer:
                         if d.enabled and d.start_cycle < cfg.schedule.cycles else None)
         self.teacher_cycle = None
         if self.rank == 0:   # only now that DeepSpeed accepted the config: a refused launch leaves no run dir behind
-            _write_run_config(cfg, self.dir)
+            self.lock = _write_run_config(cfg, self.dir)
         self.val = self.data.eval_windows("val", t.seq_len)
         self.fitness = self.data.eval_windows("fitness", t.seq_len) if cfg.eval.fitness else None
         self.fitness_fingerprint = windows_fingerprint(self.fitness) if self.fitness else None
@@ -152,10 +162,21 @@ class BaseTrainer:
         self.signals = _Signals()
         self.step = 0
         self._last_checkpoint = None
+        self.monitor = None          # rank 0: metrics.jsonl + TensorBoard/W&B (q0ds/monitor.py), opened after resume
 
     # ------------------------------------------------------------ the loop
     def train(self) -> int:
         self._resume()
+        if self.rank == 0:      # after resume: it cuts metrics.jsonl back to the checkpoint (also a fresh start: 0)
+            self.monitor = Monitor(self.dir, self.cfg.monitor, name=f"{Path(self.cfg.run_dir).name}/base-{self.base:02d}",
+                                   config=self.cfg.to_dict(), resume_step=self.step)
+        try:
+            return self._train_loop()
+        finally:
+            if self.monitor is not None:
+                self.monitor.close()
+
+    def _train_loop(self) -> int:
         bar = self._progress()
         t_last = time.time()
         while self.step < self.plan.total_steps:
@@ -290,18 +311,32 @@ class BaseTrainer:
             crash_if("crash_in_checkpoint", self.step)
             atomic_write_text(self.ckpt_dir / tag / COMPLETE, json.dumps({"step": self.step, "world_size": self.world}))
             _rotate(self.ckpt_dir, self.cfg.train.keep_ckpts)
+            E.drop_universal(self.ckpt_dir)      # a converted copy is not needed once we have our own checkpoint
         E.barrier()
+
+    def _checkpoint_world(self):
+        """World size that wrote the newest complete checkpoint (None: fresh start)."""
+        tag = latest_checkpoint(self.ckpt_dir)
+        return json.loads((self.ckpt_dir / tag / COMPLETE).read_text())["world_size"] if tag else None
 
     def _resume(self):
         tag = latest_checkpoint(self.ckpt_dir)
         if tag is None:
             return
         marker = json.loads((self.ckpt_dir / tag / COMPLETE).read_text())
-        if marker["world_size"] != self.world:
-            raise ResumeError(f"checkpoint {self.ckpt_dir / tag} was written with world size {marker['world_size']}, "
-                              f"this launch has {self.world}; relaunch with {marker['world_size']} ranks or use a new run_dir")
+        if marker["world_size"] != self.source_world:
+            raise ResumeError(f"checkpoint {self.ckpt_dir / tag} appeared while this launch started (world size "
+                              f"{marker['world_size']}); is another trainer writing {self.dir}? Relaunch")
+        load_dir = self.ckpt_dir
+        if marker["world_size"] != self.world:          # DeepSpeed universal checkpoint (engine.to_universal)
+            try:
+                load_dir = E.to_universal(self.ckpt_dir, tag, marker["world_size"])
+            except RuntimeError as e:
+                raise ResumeError(str(e)) from e
+            self._print(f"checkpoint {tag} came from {marker['world_size']} ranks, this launch has {self.world}: "
+                        f"loading it as a universal checkpoint ({load_dir / tag})")
         try:
-            cs = E.load_checkpoint(self.student, self.ckpt_dir, tag)
+            cs = E.load_checkpoint(self.student, load_dir, tag)
         except ResumeError:
             raise
         except Exception as e:
@@ -311,7 +346,8 @@ class BaseTrainer:
                                                  ("config", self.cfg.fingerprint(), "run config"))
                    if cs.get(key) != mine]
         if differs:
-            keys = [k for k in _diff(cs.get("config_dict", {}), self.cfg.to_dict()) if k != "run_dir"]
+            keys = [k for k in _diff(cs.get("config_dict", {}), self.cfg.to_dict())
+                    if k != "run_dir" and not k.startswith("monitor")]
             raise ResumeError(f"checkpoint {self.ckpt_dir / tag} was written with a different {' and '.join(differs)}"
                               + (f" (changed: {', '.join(keys)})" if keys else "")
                               + "; restore the original or use a new run_dir")
@@ -321,8 +357,6 @@ class BaseTrainer:
         self.teacher_cycle = cs["teacher_cycle"]
         if self.teacher is not None and self.teacher_cycle is not None:
             self._load_teacher_from_disk(self.teacher_cycle)
-        if self.rank == 0:
-            self._truncate_metrics(self.step)
         self._print(f"resumed base {self.base} from {tag} (step {self.step}/{self.plan.total_steps})")
 
     def _load_teacher_from_disk(self, cycle: int):
@@ -357,17 +391,16 @@ class BaseTrainer:
                                 kl=f"{parts['kl']:.3f}", tok_s=f"{tok_s:.0f}")
 
     def _log(self, rec: dict):
+        """One record (a step or an event) to every sink of the monitor; rank 0 only."""
         if self.rank != 0:
             return
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if self.monitor is None:
+            self.monitor = Monitor(self.dir, self.cfg.monitor, name=f"base-{self.base:02d}")
+        self.monitor.log(rec)
 
     def _truncate_metrics(self, step: int):
         """Drop records past the checkpoint: the resumed run re-logs them identically."""
-        path = self.dir / "metrics.jsonl"
-        if path.is_file():
-            keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-            atomic_write_text(path, "".join(l + "\n" for l in keep))
+        truncate_metrics(self.dir / "metrics.jsonl", step)
 
     def _print(self, msg: str):
         if self.rank == 0:

@@ -58,10 +58,29 @@ def run_launcher(config, base, *overrides, ranks=2, env=None, timeout=900, check
     e = dict(os.environ, **(env or {}))
     cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(port), "launchers/train.py",
            "--config", str(config), "--base", str(base), *overrides]
+    LAUNCH_PORTS.add(port)
     p = subprocess.run(cmd, cwd=ROOT, env=e, text=True, capture_output=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+    left = shm_leftovers({port})
+    assert not left, f"the launch left DeepSpeed shm buffers behind: {left}"
     return p
+
+
+LAUNCH_PORTS: set = set()      # master ports of this session's launches (other sessions may share /dev/shm)
+
+
+def shm_leftovers(ports) -> list:
+    """DeepSpeed shm all-reduce buffers (engine.shm_buffer_path) still in /dev/shm for these master ports."""
+    return sorted(str(f) for port in ports for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_shm_left_behind():
+    """Every launch of the session must release its /dev/shm buffers (about 69 MB per rank)."""
+    yield
+    left = shm_leftovers(LAUNCH_PORTS)
+    assert not left, f"DeepSpeed shm buffers left in /dev/shm by this test session: {left}"
 
 
 def read_jsonl(path):

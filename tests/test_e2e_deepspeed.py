@@ -99,13 +99,37 @@ def test_interrupted_run_resumes_exactly(straight, fault):
     assert step_losses(other.run_dir) == step_losses(cfg.run_dir)
 
 
-def test_resume_refuses_changed_world_size(straight):
+@pytest.mark.slow
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_resume_on_a_different_world_size(straight, first, second):
+    """Pre-empted at step 4 on `first` ranks, resumed on `second` through DeepSpeed's universal checkpoint. The
+    schedule, batch sizes, epochs and teacher events continue exactly; losses stay within 1e-4 (nats) of the
+    uninterrupted 2-rank run: the reduction order changes with the world size, so bitwise identity is not
+    expected (measured differences are ~1e-6). Formats are unchanged."""
     config, cfg = straight
-    path, other = config("world")
-    run_launcher(path, 0, env={"Q0DS_FAULT": "preempt_at_step=4"}, check=False)
-    p = run_launcher(path, 0, ranks=1, check=False)
-    assert p.returncode != 0
-    assert "world size 2" in p.stderr + p.stdout
+    path, other = config(f"world{first}to{second}")
+    p = run_launcher(path, 0, ranks=first, env={"Q0DS_FAULT": "preempt_at_step=4"}, check=False)
+    assert p.returncode == 75, p.stderr[-3000:]
+    p = run_launcher(path, 0, ranks=second)
+    assert f"came from {first} ranks, this launch has {second}" in p.stdout
+    ref = read_jsonl(Path(cfg.run_dir) / "bases/base-00/metrics.jsonl")
+    got = read_jsonl(Path(other.run_dir) / "bases/base-00/metrics.jsonl")
+    assert [sorted(r) for r in got] == [sorted(r) for r in ref], "metrics.jsonl records differ in form"
+    exact = ("step", "epoch", "cycle", "lr_mult", "wd_mult", "lr", "wd", "batch", "distilled", "event")
+    for a, b in zip(got, ref):
+        assert {k: a.get(k) for k in exact} == {k: b.get(k) for k in exact}
+        for k in ("loss", "ce", "kl", "val_loss"):
+            if k in b:
+                assert a[k] == pytest.approx(b[k], abs=1e-4), (a, b)
+    snaps = sorted(Path(other.run_dir).glob("bases/base-00/snapshots/cycle-*"))
+    assert [s.name for s in snaps] == list(snapshot_hashes(cfg.run_dir))
+    for s in snaps:
+        mine = json.loads((s / "snapshot.json").read_text())
+        theirs = json.loads((Path(cfg.run_dir) / "bases/base-00/snapshots" / s.name / "snapshot.json").read_text())
+        assert sorted(mine) == sorted(theirs)
+        assert {k: mine[k] for k in ("step", "epoch", "tokens_seen", "lr_mult", "wd_mult", "teacher")} == \
+               {k: theirs[k] for k in ("step", "epoch", "tokens_seen", "lr_mult", "wd_mult", "teacher")}
+    assert not (Path(other.run_dir) / "bases/base-00/checkpoints/universal").exists(), "converted copy not cleaned"
 
 
 def _second_host() -> str:
