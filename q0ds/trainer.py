@@ -59,14 +59,37 @@ def base_dir(cfg: RunConfig, base: int) -> Path:
     return Path(cfg.run_dir) / "bases" / f"base-{base:02d}"
 
 
+def _device_rng():
+    """(get, set) of this rank's accelerator generator (CUDA: drives dropout on GPUs), or None on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_rng_state, torch.cuda.set_rng_state
+    return None
+
+
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """This rank's generator states; saved in its own client state (per rank under ZeRO-3, deepspeed.md 6)."""
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    dev = _device_rng()
+    if dev is not None:
+        s["device"] = dev[0]()
+    return s
 
 
 def _set_rng_state(s: dict):
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
+    dev = _device_rng()
+    if dev is not None:
+        if "device" not in s:
+            raise ResumeError("this checkpoint has no accelerator RNG state (written on CPU); resuming it on GPUs "
+                              "would not reproduce dropout: resume on CPU or use a new run_dir")
+        dev[1](s["device"])
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The dropout/generator seed of one rank of a base: different on every rank (and from the init seed)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 def latest_checkpoint(ckpt_dir: Path):
@@ -128,12 +151,16 @@ class BaseTrainer:
                                          self.data.meta.get("pad_id", self.data.eos_id), t.seq_len)
         self.seed = cfg.seed + base
         ds = E.student_ds_config(E.load_ds_config(cfg.ds_config), cfg, self.world)
-        self.student, self.sched = E.make_student(build_model(self.model_config, self.seed), ds, cfg.optim,
-                                                  lambda s: multipliers(min(s, self.plan.total_steps - 1), self.plan, cfg.schedule))
+        self.student, self.sched = E.make_student(build_model(self.model_config, self.seed, cfg.model.dropout), ds, cfg.optim,
+                                                  lambda s: multipliers(min(s, self.plan.total_steps - 1), self.plan, cfg.schedule),
+                                                  grad_clip=cfg.train.grad_clip)
         d = cfg.distill
         self.teacher = (E.make_teacher(build_model(self.model_config, self.seed), ds)
                         if d.enabled and d.start_cycle < cfg.schedule.cycles else None)
         self.teacher_cycle = None
+        # every rank built the same initial weights from self.seed; from here each rank draws its own dropout
+        # masks (torch.manual_seed seeds the CPU and every CUDA generator)
+        torch.manual_seed(rank_seed(self.seed, self.rank))
         self.val = self.data.eval_windows("val", t.seq_len)
         self.fitness = self.data.eval_windows("fitness", t.seq_len) if cfg.eval.fitness else None
         self.fitness_fingerprint = windows_fingerprint(self.fitness) if self.fitness else None
@@ -150,6 +177,7 @@ class BaseTrainer:
         while self.step < self.plan.total_steps:
             cyc = self.plan.cycle_at(self.step)
             parts = self._train_step(cyc)
+            stop = parts.pop("stop")
             self.step += 1
             now = time.time()
             tok_s = cyc.batch * self.cfg.train.seq_len / max(1e-9, now - t_last)
@@ -161,7 +189,7 @@ class BaseTrainer:
                 self._checkpoint()
             if self.rank == 0:
                 crash_if("crash_at_step", self.step)
-            if E.any_rank(self.signals.caught is not None or fault("preempt_at_step") == self.step):
+            if stop:                           # any rank caught a signal: folded into the step's all-reduce
                 if self._last_checkpoint != self.step:
                     self._checkpoint()
                 self._print(f"pre-empted ({self.signals.caught or 'test'}) at step {self.step}: checkpoint written, exit {EXIT_PREEMPTED}")
@@ -181,7 +209,8 @@ class BaseTrainer:
         start = self.plan.sample_at(self.step) + self.rank * per_rank
         rows = self.data.train_samples(self.cfg.seed, self.base, start, per_rank, t.seq_len)
         distilled = self._distilled(cyc)
-        sums = torch.zeros(3, device=self.student.device)
+        dev = self.student.device
+        sums = torch.zeros(4, device=dev)
         for i in range(n_micro):
             w = rows[i * t.micro_batch:(i + 1) * t.micro_batch].to(self.student.device)
             inputs, labels = w[:, :-1], w[:, 1:]
@@ -190,16 +219,20 @@ class BaseTrainer:
                 logits = logits * float("nan")
             loss, parts = self._loss(logits, inputs, labels, distilled)
             E.micro_step(self.student, loss, n_micro, last=i == n_micro - 1)
-            sums += torch.stack([loss.detach().float(), parts["ce"].float(), parts["kl"].float().to(sums.device)])
-        if self.world > 1:
-            torch.distributed.all_reduce(sums)      # one collective per step; also tells every rank about a NaN
-        loss, ce, kl = (sums / (n_micro * self.world)).tolist()
+            sums[:3] += torch.stack([loss.detach().float(), parts["ce"].float(), parts["kl"].float().to(dev)])
+        # The stop flag (SIGUSR1/SIGTERM, or the test fault) rides in the loss all-reduce: one collective and one
+        # host sync per step (the .tolist()); it also tells every rank about a NaN.
+        stop = self.signals.caught is not None or fault("preempt_at_step") == self.step + 1
+        sums[3] = float(stop)
+        sums = E.all_reduce_(sums, dev).tolist()
+        loss, ce, kl = (v / (n_micro * self.world) for v in sums[:3])
         if not math.isfinite(loss) and t.nan_policy == "stop":
             # ZeRO-3 flags the non-finite gradient as overflow and skips the update, so the weights are still good
             raise NonFiniteLoss(f"non-finite loss at step {self.step} (cycle {cyc.index}, base {self.base}); the update "
                                 f"was skipped, and the last good checkpoint in {self.ckpt_dir} and all finished snapshots "
                                 "are intact. Lower optim.lr or set train.nan_policy=skip, then relaunch to resume")
-        return {"lr_mult": lr_m, "wd_mult": wd_m, "loss": loss, "ce": ce, "kl": kl, "distilled": distilled}
+        return {"lr_mult": lr_m, "wd_mult": wd_m, "loss": loss, "ce": ce, "kl": kl, "distilled": distilled,
+                "stop": sums[3] > 0}
 
     def _distilled(self, cyc) -> bool:
         """Does this cycle learn from a teacher? (Hook: ensemble_distill.py's teacher is the top-K mixture.)"""
@@ -260,7 +293,8 @@ class BaseTrainer:
         sets = {"val": self.val, "fitness": self.fitness}
         for name, wm in sets.items():
             if wm is not None:
-                out[name] = token_logprobs(self.student, wm[0], wm[1], self.cfg.eval.batch, self.rank, self.world)
+                out[name] = token_logprobs(self.student, wm[0], wm[1], self.cfg.eval.batch, self.rank, self.world,
+                                           device=self.student.device)
         self.student.train()
         return out
 
@@ -334,11 +368,17 @@ class BaseTrainer:
 
     def _log_step(self, cyc, parts, tok_s, bar):
         lr_m, wd_m = parts["lr_mult"], parts["wd_mult"]
+        groups = E.group_values(self.sched.optimizer)       # {matrix|embed|head|scalar: (lr, wd)} of this step
+        lr, wd = groups.get("matrix", next(iter(groups.values())))
         rec = {"step": self.step, "epoch": round(self.plan.epoch_at(self.step), 6), "cycle": cyc.index,
-               "lr": self.sched.base[0][0] * lr_m, "wd": self.sched.base[0][1] * wd_m, "batch": cyc.batch,
+               "lr": lr, "wd": wd, **{f"lr_{g}": v[0] for g, v in groups.items()},
+               **{f"wd_{g}": v[1] for g, v in groups.items()}, "batch": cyc.batch,
                **parts, "tokens_per_s": round(tok_s, 1)}
         if self.rank == 0:
             if self.step % self.cfg.train.log_every == 0 or self.step == cyc.end_step:
+                norm = getattr(self.student, "q0ds_raw_grad_norm", None)
+                if norm is not None:                         # Muon + grad_clip: the raw norm before clipping
+                    rec["grad_norm"] = norm.item()
                 self._log(rec)
             if bar:
                 bar.update(1)
