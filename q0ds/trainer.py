@@ -131,10 +131,14 @@ class BaseTrainer:
         self.cfg, self.base = cfg, base
         warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")
         self.rank, self.world, self.local_rank = E.setup_distributed()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         if not torch.cuda.is_available():
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
             # Q0DS_THREADS lets `q0ds run` share the cores between bases trained side by side
             torch.set_num_threads(int(os.environ.get("Q0DS_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local_world))
+        elif not os.environ.get("OMP_NUM_THREADS"):
+            # GPU node outside SLURM: the deepspeed launcher sets no thread count (launcher/launch.py main(), only
+            # with --bind_cores_to_rank), so 8 ranks would each use every core for host work (hashing, scoring)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         cfg.train.check_world(self.world)
         if not 0 <= base < cfg.bases:
             raise ConfigError(f"--base {base} is out of range: the run config has bases={cfg.bases}")

@@ -11,7 +11,8 @@ import torch
 from conftest import read_jsonl, run_launcher
 
 OVERRIDES = ["schedule.cycles=4", "schedule.cycle_steps=3", "distill.start_cycle=2", "train.ckpt_every=2",
-             "train.verify_teacher=true", "train.micro_batch=2", "train.global_batch=8", "train.small_batch=4"]
+             "train.verify_teacher=true", "train.micro_batch=2", "train.global_batch=8", "train.small_batch=4",
+             "model.dropout=0.1"]      # residual dropout: exact resume then also needs each rank's generator
 
 
 def snapshot_hashes(run_dir):
@@ -34,7 +35,8 @@ def straight(tmp_path_factory, embedded_data):
         save_config(cfg, root / f"{name}.json")
         return root / f"{name}.json", cfg
     path, cfg = config("straight")
-    run_launcher(path, 0)
+    # every tensor reaching torch.distributed is logged per rank (engine._record_collectives)
+    run_launcher(path, 0, env={"Q0DS_RECORD_COLLECTIVES": str(root / "collectives")})
     return config, cfg
 
 
@@ -60,6 +62,26 @@ def test_snapshots_load_and_reproduce_val_loss(straight):
     assert losses[-1] < losses[0], f"val loss did not improve over cycles: {losses}"
 
 
+def test_collectives_use_the_engine_device(straight):
+    """Issue 12 section 1: q0ds's own collectives go through engine.py's helpers, with every tensor on the
+    device the helper was told to use (the engine's), and the step costs exactly one q0ds all-reduce."""
+    _, cfg = straight
+    logs = sorted((Path(cfg.run_dir).parent / "collectives").glob("rank-*.jsonl"))
+    assert [p.name for p in logs] == ["rank-0.jsonl", "rank-1.jsonl"]
+    for log in logs:
+        recs = read_jsonl(log)
+        ours = [r for r in recs if r["caller"]]
+        outside = {r["caller"] for r in ours if not r["caller"].startswith("engine.py:")}
+        assert not outside, f"collectives issued outside engine.py: {outside}"
+        helpers = [r for r in ours if r["expected"] is not None]
+        assert helpers and all(r["expected"] == "cpu" for r in helpers)
+        wrong = [r for r in helpers if any(d != r["expected"] for d in r["devices"])]
+        assert not wrong, f"tensors not on the helper's device: {wrong[:3]}"
+        calls = [r["caller"] for r in helpers]
+        assert calls.count("engine.py:all_reduce_") == 12, "one q0ds all-reduce per step (loss, NaN and stop flag)"
+        assert calls.count("engine.py:all_gather_cat") == 8, "val + fitness scores gathered at each of 4 cycle ends"
+
+
 def test_metrics_show_sawtooth_wd_antiphase_and_distillation(straight):
     _, cfg = straight
     recs = read_jsonl(Path(cfg.run_dir) / "bases/base-00/metrics.jsonl")
@@ -71,6 +93,9 @@ def test_metrics_show_sawtooth_wd_antiphase_and_distillation(straight):
         assert r["wd_mult"] == pytest.approx(0.7 + 0.3 * (1 - r["lr_mult"]) / 0.92)
         assert (r["kl"] > 0) == (r["cycle"] >= 2) and r["distilled"] == (r["cycle"] >= 2)
         assert r["batch"] == (8 if r["cycle"] in (1, 2) else 4)      # block-triangular batch schedule
+        assert r["lr"] == r["lr_matrix"] == pytest.approx(cfg.optim.lr * r["lr_mult"])   # every group's lr and wd
+        assert {"lr_embed", "lr_head", "lr_scalar", "wd_matrix", "wd_scalar"} <= set(r) and r["wd_scalar"] == 0.0
+        assert r["wd"] == r["wd_matrix"] == pytest.approx(cfg.optim.weight_decay * r["wd_mult"])
     teacher = [r for r in recs if r.get("event") == "teacher"]
     assert [t["cycle"] for t in teacher] == [1, 2], "teacher must hold snapshot c-1 from cycle distill_start on"
     assert all(t["max_abs_diff"] == 0.0 for t in teacher)
