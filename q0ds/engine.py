@@ -104,9 +104,9 @@ def barrier():
 
 def _record_collectives(out_dir: str):
     """Test hook: wrap torch.distributed's collectives in this process and append one JSON line per call to
-    OUT_DIR/rank-R.jsonl: the collective, the device of every tensor passed, the device the q0ds helper was
-    told to use, and the innermost q0ds/ frame that led to the call (DeepSpeed's own calls made inside an
-    engine.py function name that function; calls from outside q0ds name none)."""
+    OUT_DIR/rank-R.jsonl: the collective, the device of every tensor passed, `caller` = the q0ds function that
+    called torch.distributed itself (None when DeepSpeed did, e.g. ZeRO-3 gathers during a forward), the
+    device the q0ds helper was told to use, and `within` = the innermost q0ds frame on the stack."""
     import json
     import traceback
     d = torch.distributed
@@ -119,11 +119,15 @@ def _record_collectives(out_dir: str):
             vals = list(args) + list(kwargs.values())
             tensors = [a for a in vals if isinstance(a, torch.Tensor)]
             tensors += [x for a in vals if isinstance(a, (list, tuple)) for x in a if isinstance(x, torch.Tensor)]
-            frames = [f for f in traceback.extract_stack()[:-1] if Path(f.filename).resolve().parent == here]
-            caller = f"{Path(frames[-1].filename).name}:{frames[-1].name}" if frames else None
+            frames = traceback.extract_stack()[:-1]
+            direct = frames[-1]                          # the code that called torch.distributed.<name>
+            ours = [f for f in frames if Path(f.filename).resolve().parent == here]
+            caller = f"{Path(direct.filename).name}:{direct.name}" \
+                if Path(direct.filename).resolve().parent == here else None
             helper = caller in ("engine.py:all_reduce_", "engine.py:all_gather_cat", "engine.py:broadcast_")
             with open(path, "a") as f:
                 f.write(json.dumps({"op": name, "devices": [str(x.device) for x in tensors], "caller": caller,
+                                    "within": f"{Path(ours[-1].filename).name}:{ours[-1].name}" if ours else None,
                                     "expected": _EXPECTED["device"] if helper else None}) + "\n")
             return fn(*args, **kwargs)
         return recorded
@@ -285,16 +289,39 @@ def param_groups(model, ocfg) -> list[dict]:
             for g, ps in groups.items()]
 
 
-def group_values(optimizer) -> dict:
-    """{group: (lr, weight_decay)} as the optimizer holds them now, keyed by q0ds group name (matrix, embed,
-    head, scalar; Muon's `matrix-muon-params` -> matrix)."""
-    out = {}
-    for g in optimizer.param_groups:
-        out[str(g.get("name", f"group{len(out)}")).split("-")[0]] = (g["lr"], g["weight_decay"])
-    return out
+def group_values(sched, mults=None) -> dict:
+    """{group: (lr, weight_decay)} of a CyclicScheduler's optimizer for multipliers `mults` (default: the
+    current ones), keyed by q0ds group name (matrix, embed, head, scalar; Muon's `matrix-muon-params` ->
+    matrix). From the bases, not the live groups: DeepSpeed's step() has already advanced those to the next step."""
+    lr_m, wd_m = mults or sched.mults
+    return {str(g.get("name", f"group{i}")).split("-")[0]: (lr * lr_m, wd * wd_m)
+            for i, (g, (lr, wd)) in enumerate(zip(sched.optimizer.param_groups, sched.base))}
 
 
 # ---------------------------------------------------------------- engines
+def build_partitioned(config, seed: int, ds_cfg: dict, dropout: float = 0.0, init: bool = True):
+    """The model built under deepspeed.zero.Init (deepspeed/runtime/zero/partition_parameters.py, class Init):
+    every parameter is partitioned as its module is constructed, in the engine's dtype (bf16.enabled), on the
+    accelerator, so no rank ever holds the whole model (without it: 7 GB fp32 per rank on the host at 1.8B,
+    then moved whole to each GPU). Weight init as transformers does under ZeRO-3 (modeling_utils
+    PreTrainedModel._from_config -> integrations/deepspeed.py initialize_weights_zero3: each module's params
+    gathered, rank 0 initialises from torch.manual_seed(seed), the edit broadcast). transformers' own switch
+    for this (HfDeepSpeedConfig) needs `accelerate`; the same three context managers are used directly.
+    init=False (a teacher, whose weights are always overwritten from a snapshot): no random init at all."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import initialize_weights_zero3, prevent_arange_dtype_change
+    from .model import add_residual_dropout
+    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    if init:
+        torch.manual_seed(seed)
+        initialize_weights_zero3(model)
+    add_residual_dropout(model, dropout)
+    return model
+
+
 def make_student(model, ds_cfg: dict, ocfg, mult_fn, grad_clip: float = 0.0):
     """The trained engine. `grad_clip` (train.grad_clip) matters with Muon only, where student_ds_config turned
     the engine's clip off: then the raw gradients of all groups are clipped to global norm `grad_clip`

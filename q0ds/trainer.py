@@ -27,7 +27,7 @@ from .config import ConfigError, RunConfig, atomic_write_text, save_config
 from .data import PreparedData
 from .distill import distill_loss
 from .faults import crash_if, fault
-from .model import build_config, build_model
+from .model import build_config
 from .schedule import multipliers, perturb_scale, run_plan
 from .snapshot import snapshot_dir, token_logprobs, windows_fingerprint, write_scores, write_snapshot
 
@@ -155,11 +155,12 @@ class BaseTrainer:
                                          self.data.meta.get("pad_id", self.data.eos_id), t.seq_len)
         self.seed = cfg.seed + base
         ds = E.student_ds_config(E.load_ds_config(cfg.ds_config), cfg, self.world)
-        self.student, self.sched = E.make_student(build_model(self.model_config, self.seed, cfg.model.dropout), ds, cfg.optim,
+        # built partitioned (zero.Init) in the engine's dtype; the teacher without a random init (overwritten)
+        self.student, self.sched = E.make_student(E.build_partitioned(self.model_config, self.seed, ds, cfg.model.dropout), ds, cfg.optim,
                                                   lambda s: multipliers(min(s, self.plan.total_steps - 1), self.plan, cfg.schedule),
                                                   grad_clip=cfg.train.grad_clip)
         d = cfg.distill
-        self.teacher = (E.make_teacher(build_model(self.model_config, self.seed), ds)
+        self.teacher = (E.make_teacher(E.build_partitioned(self.model_config, self.seed, ds, init=False), ds)
                         if d.enabled and d.start_cycle < cfg.schedule.cycles else None)
         self.teacher_cycle = None
         # every rank built the same initial weights from self.seed; from here each rank draws its own dropout
@@ -372,7 +373,7 @@ class BaseTrainer:
 
     def _log_step(self, cyc, parts, tok_s, bar):
         lr_m, wd_m = parts["lr_mult"], parts["wd_mult"]
-        groups = E.group_values(self.sched.optimizer)       # {matrix|embed|head|scalar: (lr, wd)} of this step
+        groups = E.group_values(self.sched, (lr_m, wd_m))   # {matrix|embed|head|scalar: (lr, wd)} of this step
         lr, wd = groups.get("matrix", next(iter(groups.values())))
         rec = {"step": self.step, "epoch": round(self.plan.epoch_at(self.step), 6), "cycle": cyc.index,
                "lr": lr, "wd": wd, **{f"lr_{g}": v[0] for g, v in groups.items()},

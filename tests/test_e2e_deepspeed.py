@@ -70,9 +70,11 @@ def test_collectives_use_the_engine_device(straight):
     assert [p.name for p in logs] == ["rank-0.jsonl", "rank-1.jsonl"]
     for log in logs:
         recs = read_jsonl(log)
-        ours = [r for r in recs if r["caller"]]
+        ours = [r for r in recs if r["caller"]]         # torch.distributed called from q0ds code directly
         outside = {r["caller"] for r in ours if not r["caller"].startswith("engine.py:")}
         assert not outside, f"collectives issued outside engine.py: {outside}"
+        assert any(r["within"] and r["within"].startswith("trainer.py") for r in recs if not r["caller"]), \
+            "DeepSpeed's own collectives during training should be recorded too"
         helpers = [r for r in ours if r["expected"] is not None]
         assert helpers and all(r["expected"] == "cpu" for r in helpers)
         wrong = [r for r in helpers if any(d != r["expected"] for d in r["devices"])]

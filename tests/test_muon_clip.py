@@ -57,7 +57,7 @@ def test_muon_matrix_step_is_lr_times_orthogonalised_update_with_clip():
     assert raw_norm > 10, raw_norm
 
     eng, sched = E.make_student(model, ds, cfg.optim, lambda s: (1.0, 1.0), grad_clip=cfg.train.grad_clip)
-    groups = E.group_values(sched.optimizer)
+    groups = E.group_values(sched)
     assert groups["matrix"][0] == 0.01 and groups["embed"][0] == 0.001
     before = E.full_fp32_params(eng)
     E.micro_step(eng, eng(ids, labels), 1, last=True)
