@@ -88,11 +88,16 @@ def broadcast_(t: torch.Tensor, device, src: int = 0) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device="cpu") -> bool:
+def any_rank(flag: bool, device=None) -> bool:
     """True on every rank if `flag` is true on any rank (signals, NaN): all ranks take the same branch.
-    Pass the engine's device (NCCL). The training step folds its flag into the loss all-reduce instead."""
+    `device`: the engine's; default this rank's accelerator device (deepspeed.accelerator get_accelerator()
+    .current_device_name(): cuda:LOCAL_RANK on GPUs, cpu on CPU). The training step folds its flag into the
+    loss all-reduce instead of calling this."""
     if not _multi():
         return bool(flag)
+    if device is None:
+        from deepspeed.accelerator import get_accelerator
+        device = get_accelerator().current_device_name()
     return bool(all_reduce_(torch.tensor([1.0 if flag else 0.0]), device, "max").item() > 0)
 
 

@@ -87,3 +87,26 @@ def test_submit_refuses_a_python_without_q0ds(tmp_path):
     assert p.returncode != 0 and "SBATCH-CALLED" not in p.stderr
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "cannot import q0ds and deepspeed" in err[0] and "No module named deepspeed" in err[0]
+
+
+def test_shipped_bf16_config_trains_with_muon_and_raw_clip(tmp_path):
+    """The production engine config on CPU: bf16 weights built by zero.Init, micro-batches summed in fp32,
+    Muon momentum gathered in fp32, the raw-gradient clip active, the loss going down."""
+    from q0ds.model import build_config
+    E.setup_distributed()
+    cfg = load_config(None, ["ds_config=ds_configs/zero3_bf16.hjson", "model.dtype=bf16", "optim.name=muon",
+                             "train.grad_clip=0.5"], base=preset_config("tiny", "d", str(tmp_path)))
+    mc = build_config(cfg.model, 128, 0, 1, 16)
+    ds = E.student_ds_config(E.load_ds_config(cfg.ds_config), cfg, 1)
+    model = E.build_partitioned(mc, 3, ds)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    eng, _ = E.make_student(model, ds, cfg.optim, lambda s: (1.0, 1.0), grad_clip=cfg.train.grad_clip)
+    assert eng.get_data_types() == (torch.bfloat16, torch.float32) and eng.communication_data_type == torch.float32
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(3):
+        for j in range(2):                                   # two micro-batches per step, our accumulation
+            E.micro_step(eng, eng(input_ids=ids, labels=ids).loss, 2, last=j == 1)
+        assert eng.q0ds_raw_grad_norm.item() > cfg.train.grad_clip      # so the clip acted
+        losses.append(eng(input_ids=ids, labels=ids).loss.item())
+    assert losses[-1] < losses[0], losses
