@@ -27,7 +27,20 @@ _user_errors = user_errors         # the former private name (launchers on older
 
 
 def cmd_prepare(a):
-    from .data import prepare
+    from .data import SPLITS, DataError, prepare
+    sizes = {"fitness_tokens": 6000, "val_tokens": 12000, "max_train_tokens": None}
+    if a.split:
+        given = [f"--{k.replace('_', '-')}" for k in sizes if getattr(a, k) is not None]
+        if given:
+            raise DataError(f"--split {a.split} sets the split sizes; drop {', '.join(given)} or drop --split")
+        if not a.tokenizer:
+            raise DataError(f"--split {a.split} is the paper's data, which uses the GPT-2 tokenizer: pass its local "
+                            "dir as --tokenizer (e.g. a save_pretrained copy of `gpt2`)")
+        sizes.update(SPLITS[a.split])
+    for k in sizes:
+        if getattr(a, k) is not None:
+            sizes[k] = getattr(a, k)
+    a.fitness_tokens, a.val_tokens, a.max_train_tokens = sizes["fitness_tokens"], sizes["val_tokens"], sizes["max_train_tokens"]
     meta = prepare(a.out, input=a.input, embedded=a.embedded, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
                    fitness_tokens=a.fitness_tokens, val_tokens=a.val_tokens, max_train_tokens=a.max_train_tokens,
                    seed=a.seed, text_field=a.text_field)
@@ -138,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--tokenizer", help="local HF tokenizer dir; default: train a byte-level BPE")
     s.add_argument("--vocab-size", type=int, default=2048)
-    s.add_argument("--fitness-tokens", type=int, default=6000)
-    s.add_argument("--val-tokens", type=int, default=12000)
+    s.add_argument("--split", choices=["paper"], help="named split sizes: paper = 132k fitness / 10M val / 100M "
+                   "train tokens (the q0 paper; needs --tokenizer with GPT-2's)")
+    s.add_argument("--fitness-tokens", type=int, default=None, help="default 6000")
+    s.add_argument("--val-tokens", type=int, default=None, help="default 12000")
     s.add_argument("--max-train-tokens", type=int, default=None)
     s.add_argument("--text-field", default="text")
     s.add_argument("--seed", type=int, default=0)

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     preset: str = "tiny"          # tiny | small | 1.8b, or "" when `config_path` is set
     config_path: str = ""         # any AutoModelForCausalLM config (dir or config.json); overrides preset
-    dropout: float = 0.0          # attention dropout (Qwen3 has attention dropout only)
+    dropout: float = 0.0          # residual dropout on each layer's attention and MLP outputs (model.add_residual_dropout)
     dtype: str = "fp32"           # fp32 | bf16 (bf16 needs ds config bf16.enabled; GPUs)
 
     def check(self):
@@ -67,19 +67,21 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"           # adamw | muon (Muon for matrices, AdamW for the rest; DeepSpeed's MuonWithAuxAdam)
-    lr: float = 3e-3              # matrices
-    embed_lr: float = 0.0         # 0 = same as lr
-    head_lr: float = 0.0          # 0 = same as lr
-    scalar_lr: float = 0.0        # 1-D params (norms); 0 = same as lr
+    # Per-group base LRs (every group gets the same schedule multiplier). The 1.8b preset has the reference's.
+    lr: float = 3e-3              # matrices with adamw; the default of every group LR left at 0
+    embed_lr: float = 0.0         # embeddings (AdamW); 0 = same as lr
+    head_lr: float = 0.0          # LM head (AdamW); 0 = same as lr
+    scalar_lr: float = 0.0        # 1-D params, norms (AdamW, no weight decay); 0 = same as lr
     weight_decay: float = 1.0     # base WD on matrices/embeddings/head; 1-D params get none
     betas: typing.List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    muon_lr: float = 0.02         # matrix LR when name=muon (embeddings, head, scalars keep their AdamW LRs)
+    muon_lr: float = 0.02         # matrix LR when name=muon, x sqrt(max(1, rows/cols)) per matrix inside DeepSpeed's Muon
     muon_momentum: float = 0.95
 
     def check(self):
         _require(self.name in ("adamw", "muon"), "optim.name", "must be adamw or muon")
         _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(self.muon_lr > 0, "optim.muon_lr", "must be > 0")
         for name in ("embed_lr", "head_lr", "scalar_lr", "weight_decay", "eps"):
             _require(getattr(self, name) >= 0, f"optim.{name}", "must be >= 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "must be two numbers in [0, 1)")

@@ -56,6 +56,11 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------- prepare
+# Named splits for `q0ds prepare --split NAME`. paper: the q0 paper's data (method.md "Scale of the real
+# run"): a ~132k-token fitness set of whole documents from the front, 10M validation tokens, 100M training
+# tokens, with the GPT-2 tokenizer (pass its local dir as --tokenizer; the 1.8b preset pads its vocab to 50304).
+SPLITS = {"paper": {"fitness_tokens": 132_000, "val_tokens": 10_000_000, "max_train_tokens": 100_000_000}}
+
 
 def prepare(out_dir, input=None, embedded=False, tokenizer=None, vocab_size=2048, fitness_tokens=6000,
             val_tokens=12000, max_train_tokens=None, seed=0, text_field="text") -> dict:

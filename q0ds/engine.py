@@ -32,6 +32,8 @@ def setup_distributed() -> tuple[int, int, int]:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(verbose=False)
         _unlink_shm_buffer()
+        if os.environ.get("Q0DS_RECORD_COLLECTIVES"):
+            _record_collectives(os.environ["Q0DS_RECORD_COLLECTIVES"])
     return rank(), world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
@@ -67,19 +69,102 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+# ---------------------------------------------------------------- collectives
+# Every collective q0ds issues goes through the helpers below (tests/test_collectives.py fails on a direct
+# torch.distributed / deepspeed.comm collective elsewhere in q0ds/). On GPUs DeepSpeed's process group is
+# NCCL-only and NCCL takes CUDA tensors only (deepspeed.md section 14), so every helper moves its tensor to
+# `device` (pass the engine's: `engine.device`) and hands back a tensor on that device; `.cpu()` it where the
+# host needs the value. With Q0DS_RECORD_COLLECTIVES=DIR set, each rank logs the device of every tensor that
+# reaches torch.distributed (tests only; see _record_collectives).
+_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+_EXPECTED: dict = {"device": None}       # the device the running helper was told to use (for the recorder)
+
+
+def _multi() -> bool:
+    return torch.distributed.is_initialized() and world_size() > 1
+
+
+def all_reduce_(t: torch.Tensor, device, op: str = "sum") -> torch.Tensor:
+    """All-reduce (sum|max|min) of `t` over all ranks; the result is on `device` (t itself if already there)."""
+    t = t.to(device)
+    if _multi():
+        _EXPECTED["device"] = str(torch.device(device))
+        torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, _OPS[op]))
+    return t
+
+
+def all_gather_cat(t: torch.Tensor, device) -> torch.Tensor:
+    """Every rank's `t` (same shape on all ranks) concatenated along dim 0 in rank order, on `device`."""
+    t = t.to(device).contiguous()
+    if not _multi():
+        return t
+    _EXPECTED["device"] = str(torch.device(device))
+    out = torch.empty((world_size() * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    torch.distributed.all_gather_into_tensor(out, t)
+    return out
+
+
+def broadcast_(t: torch.Tensor, device, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s `t` on every rank, on `device`."""
+    t = t.to(device)
+    if _multi():
+        _EXPECTED["device"] = str(torch.device(device))
+        torch.distributed.broadcast(t, src)
+    return t
+
+
+def any_rank(flag: bool, device=None) -> bool:
+    """True on every rank if `flag` is true on any rank (signals, NaN): all ranks take the same branch.
+    `device`: the engine's; default this rank's accelerator device (deepspeed.accelerator get_accelerator()
+    .current_device_name(): cuda:LOCAL_RANK on GPUs, cpu on CPU). The training step folds its flag into the
+    loss all-reduce instead of calling this."""
+    if not _multi():
+        return bool(flag)
+    if device is None:
+        from deepspeed.accelerator import get_accelerator
+        device = get_accelerator().current_device_name()
+    return bool(all_reduce_(torch.tensor([1.0 if flag else 0.0]), device, "max").item() > 0)
+
+
 def barrier():
     if torch.distributed.is_initialized():
         import deepspeed.comm as dist
         dist.barrier()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is true on any rank (signals, NaN): all ranks take the same branch."""
-    if not torch.distributed.is_initialized() or world_size() == 1:
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0])
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item() > 0)
+def _record_collectives(out_dir: str):
+    """Test hook: wrap torch.distributed's collectives in this process and append one JSON line per call to
+    OUT_DIR/rank-R.jsonl: the collective, the device of every tensor passed, `caller` = the q0ds function that
+    called torch.distributed itself (None when DeepSpeed did, e.g. ZeRO-3 gathers during a forward), the
+    device the q0ds helper was told to use, and `within` = the innermost q0ds frame on the stack."""
+    import json
+    import traceback
+    d = torch.distributed
+    path = Path(out_dir) / f"rank-{os.environ.get('RANK', '0')}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    here = Path(__file__).resolve().parent
+
+    def wrap(name, fn):
+        def recorded(*args, **kwargs):
+            vals = list(args) + list(kwargs.values())
+            tensors = [a for a in vals if isinstance(a, torch.Tensor)]
+            tensors += [x for a in vals if isinstance(a, (list, tuple)) for x in a if isinstance(x, torch.Tensor)]
+            frames = traceback.extract_stack()[:-1]
+            direct = frames[-1]                          # the code that called torch.distributed.<name>
+            ours = [f for f in frames if Path(f.filename).resolve().parent == here]
+            caller = f"{Path(direct.filename).name}:{direct.name}" \
+                if Path(direct.filename).resolve().parent == here else None
+            helper = caller in ("engine.py:all_reduce_", "engine.py:all_gather_cat", "engine.py:broadcast_")
+            with open(path, "a") as f:
+                f.write(json.dumps({"op": name, "devices": [str(x.device) for x in tensors], "caller": caller,
+                                    "within": f"{Path(ours[-1].filename).name}:{ours[-1].name}" if ours else None,
+                                    "expected": _EXPECTED["device"] if helper else None}) + "\n")
+            return fn(*args, **kwargs)
+        return recorded
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor",
+                 "all_to_all_single", "reduce", "gather", "scatter"):
+        if hasattr(d, name):
+            setattr(d, name, wrap(name, getattr(d, name)))
 
 
 def finish():
@@ -151,17 +236,40 @@ def student_ds_config(base: dict, cfg, world: int) -> dict:
     c["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch
     c["gradient_accumulation_steps"] = 1
     c["train_batch_size"] = cfg.train.micro_batch * world
-    c["gradient_clipping"] = cfg.train.grad_clip
-    c.setdefault("bf16", {})["enabled"] = cfg.model.dtype == "bf16"
+    bf16 = cfg.model.dtype == "bf16"
+    declared = c.get("bf16", {}).get("enabled")
+    if declared is not None and bool(declared) != bf16:
+        raise ConfigError(f"DeepSpeed config {cfg.ds_config} has bf16.enabled={str(bool(declared)).lower()} but the run "
+                          f"config has model.dtype={cfg.model.dtype}; set model.dtype={'bf16' if declared else 'fp32'} "
+                          f"or use a DeepSpeed config whose bf16.enabled matches")
+    c.setdefault("bf16", {})["enabled"] = bf16
+    if bf16:
+        # ZeRO-3 sums the micro-batches' gradients in grad_accum_dtype, default the model dtype (bf16): fp32 instead
+        # (deepspeed/runtime/engine.py DeepSpeedEngine.get_data_types; stage3.py partition_grads adds into a
+        # buffer of gradient_accumulation_dtype).
+        c.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     opt = c.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = opt.setdefault("params", {})
     o = cfg.optim
     params.update(lr=o.lr, weight_decay=o.weight_decay, betas=list(o.betas), eps=o.eps)
+    c["gradient_clipping"] = cfg.train.grad_clip
     if o.name == "muon":
         opt["type"] = "Muon"
         params.pop("torch_adam", None)
         params.update(muon_lr=o.muon_lr, momentum=o.muon_momentum, adam_lr=o.lr)
         c["zero_optimization"]["reduce_scatter"] = False      # pitfall 2
+        # Pitfall 1: ZeRO-3 takes the global norm over the Muon *updates* (stage3.py step():
+        # _apply_muon_to_accumulated_grads, then _get_norm_groups, then unscale_and_clip_grads), about 700 at
+        # 1.8B, so any engine clip of order 1 shrinks every matrix step ~700x. The engine never clips with
+        # Muon; make_student(grad_clip=) clips the raw gradients instead, as the reference does.
+        c["gradient_clipping"] = 0.0
+        if bf16:
+            # Muon gathers gradients and its fp32 momentum partitions in communication_data_type (stage3.py
+            # _apply_muon_to_accumulated_grads -> _partitioned_buffers_all_gather; _muon_update_sub_group), which
+            # defaults to bf16 with bf16 (engine.py DeepSpeedEngine.communication_data_type): the momentum would
+            # be rounded to bf16 every step. fp32 keeps it exact at 2x the gradient traffic; a ds config that
+            # sets communication_data_type explicitly wins.
+            c.setdefault("communication_data_type", "fp32")
     return c
 
 
@@ -213,10 +321,20 @@ class CyclicScheduler:
         self.sync(sd["last_step"])    # re-apply: the optimizer's saved group values load after us (pitfall 5)
 
 
+GROUPS = ("matrix", "embed", "head", "scalar")
+
+
+def group_lrs(ocfg) -> dict:
+    """Base LR of each parameter group (the schedule multiplies all of them by the same lr_mult)."""
+    return {"matrix": ocfg.muon_lr if ocfg.name == "muon" else ocfg.lr, "embed": ocfg.embed_lr or ocfg.lr,
+            "head": ocfg.head_lr or ocfg.lr, "scalar": ocfg.scalar_lr or ocfg.lr}
+
+
 def param_groups(model, ocfg) -> list[dict]:
-    """LR groups as in the reference: matrices, embeddings, head, scalars; no weight decay on 1-D params."""
-    lrs = {"matrix": ocfg.muon_lr if ocfg.name == "muon" else ocfg.lr, "embed": ocfg.embed_lr or ocfg.lr,
-           "head": ocfg.head_lr or ocfg.lr, "scalar": ocfg.scalar_lr or ocfg.lr}
+    """LR groups as in the reference: matrices, embeddings, head, scalars; no weight decay on 1-D params.
+    With Muon, DeepSpeed splits each group into its Muon and Adam halves and keeps the group's lr and
+    weight_decay (engine.py DeepSpeedEngine._muon_param_groups: names `matrix-muon-params`, `embed-adam-params`...)."""
+    lrs = group_lrs(ocfg)
     groups: dict[str, list] = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -225,12 +343,83 @@ def param_groups(model, ocfg) -> list[dict]:
             for g, ps in groups.items()]
 
 
+def group_values(sched, mults=None) -> dict:
+    """{group: (lr, weight_decay)} of a CyclicScheduler's optimizer for multipliers `mults` (default: the
+    current ones), keyed by q0ds group name (matrix, embed, head, scalar; Muon's `matrix-muon-params` ->
+    matrix). From the bases, not the live groups: DeepSpeed's step() has already advanced those to the next step."""
+    lr_m, wd_m = mults or sched.mults
+    return {str(g.get("name", f"group{i}")).split("-")[0]: (lr * lr_m, wd * wd_m)
+            for i, (g, (lr, wd)) in enumerate(zip(sched.optimizer.param_groups, sched.base))}
+
+
 # ---------------------------------------------------------------- engines
-def make_student(model, ds_cfg: dict, ocfg, mult_fn):
+def build_partitioned(config, seed: int, ds_cfg: dict, dropout: float = 0.0, init: bool = True):
+    """The model built under deepspeed.zero.Init (deepspeed/runtime/zero/partition_parameters.py, class Init):
+    every parameter is partitioned as its module is constructed, in the engine's dtype (bf16.enabled), on the
+    accelerator, so no rank ever holds the whole model (without it: 7 GB fp32 per rank on the host at 1.8B,
+    then moved whole to each GPU). Weight init as transformers does under ZeRO-3 (modeling_utils
+    PreTrainedModel._from_config -> integrations/deepspeed.py initialize_weights_zero3: each module's params
+    gathered, rank 0 initialises from torch.manual_seed(seed), the edit broadcast). transformers' own switch
+    for this (HfDeepSpeedConfig) needs `accelerate`; the same three context managers are used directly.
+    init=False (a teacher, whose weights are always overwritten from a snapshot): no random init at all."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import initialize_weights_zero3, prevent_arange_dtype_change
+    from .model import add_residual_dropout
+    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    if init:
+        torch.manual_seed(seed)
+        initialize_weights_zero3(model)
+    add_residual_dropout(model, dropout)
+    return model
+
+
+def make_student(model, ds_cfg: dict, ocfg, mult_fn, grad_clip: float = 0.0):
+    """The trained engine. `grad_clip` (train.grad_clip) matters with Muon only, where student_ds_config turned
+    the engine's clip off: then the raw gradients of all groups are clipped to global norm `grad_clip`
+    before Muon sees them (install_raw_grad_clip)."""
     import deepspeed
     engine, _, _, sched = deepspeed.initialize(model=model, model_parameters=param_groups(model, ocfg),
                                                config=ds_cfg, lr_scheduler=lambda opt: CyclicScheduler(opt, mult_fn))
+    if ocfg.name == "muon" and grad_clip > 0:
+        install_raw_grad_clip(engine, grad_clip)
     return engine, sched
+
+
+def install_raw_grad_clip(engine, max_norm: float):
+    """Clip the raw (accumulated, reduced) gradients of every group to global L2 norm `max_norm` before Muon
+    orthogonalises the matrix gradients: the reference's order (clip, then Muon), so the clip reaches the
+    Muon momentum and the AdamW groups but never rescales an orthogonalised update.
+
+    Hook point, read in deepspeed/runtime/zero/stage3.py (0.19.8), DeepSpeedZeroOptimizer_Stage3.step():
+    _overflow_check_and_loss_scale_update, then (no overflow) _apply_muon_to_accumulated_grads, which reads
+    the reduced gradient partitions in self.averaged_gradients[i] (one tensor per parameter, this rank's
+    partition), then the norm and unscale_and_clip_grads (a no-op here, the engine clip is 0). We wrap
+    _apply_muon_to_accumulated_grads on the instance: at that point every group's partitions hold the step's
+    full raw gradient (scaled by loss_scale, 1 with bf16/fp32) and a skipped step never reaches it.
+    The sum of squares is this rank's partitions; one all-reduce (all_reduce_, on the engine's device) makes
+    it global. The norm is kept in engine.q0ds_raw_grad_norm (the last step's, before clipping)."""
+    opt = engine.optimizer
+    if getattr(opt, "offload_optimizer", False):
+        raise ConfigError("optim.name=muon with train.grad_clip > 0 is not supported with offload_optimizer "
+                          "(q0ds clips the raw gradient partitions on the device); set train.grad_clip=0 or drop the offload")
+    original = opt._apply_muon_to_accumulated_grads
+    device = engine.device
+
+    def clipped():
+        parts = [g for group in opt.averaged_gradients.values() for g in group]     # {sub_group: [partition]}
+        sq = torch.zeros(1, dtype=torch.float32, device=device)
+        for g in parts:
+            sq += g.detach().float().pow(2).sum().to(device)
+        norm = all_reduce_(sq, device).sqrt() / float(opt.loss_scale)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in parts:
+            g.mul_(coef.to(g.device, g.dtype))
+        engine.q0ds_raw_grad_norm = norm
+        return original()
+    opt._apply_muon_to_accumulated_grads = clipped
 
 
 def make_teacher(model, ds_cfg: dict):
@@ -279,16 +468,20 @@ def max_weight_diff(engine, state_dict) -> float:
 def perturb_(engine, scale: float, seed: int) -> float:
     """Add N(0, (scale * std(param))^2) to every tensor with more than one element, in the fp32 master
     (section 5 recipe C: otherwise the next step undoes it) and in the module copy. Same generator on every
-    rank, so safe_set_full_fp32_param gets identical values (pitfall 8). Returns the mean relative change."""
+    rank, so safe_set_full_fp32_param gets identical values (pitfall 8). The noise is drawn on the engine's
+    device (no full-size host tensors on GPUs); the same seed gives other values on CUDA than on CPU, but the
+    same on every rank of one device type. Returns the mean relative change."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(engine.device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     r, rel = rank(), []
     for _, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)
         if full is None or full.numel() <= 1:
             continue
-        noise = torch.randn(full.shape, generator=gen, dtype=torch.float32).to(full.device) * (scale * full.std())
+        full = full.to(device)
+        noise = torch.randn(full.shape, generator=gen, dtype=torch.float32, device=device) * (scale * full.std())
         new = full + noise
         safe_set_full_fp32_param(p, new)
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):

@@ -161,9 +161,10 @@ class MixtureTeacher:
     one at a time, always in member order (so any slot count gives bitwise the same mixture)."""
 
     def __init__(self, snaps, model_config, ds_cfg: dict, slots: int, seed: int):
-        from .model import build_model
         self.snaps = list(snaps)
-        self.engines = [E.make_teacher(build_model(model_config, seed), ds_cfg) for _ in range(min(slots, len(self.snaps)))]
+        # partitioned at construction, no random init: every slot is overwritten from a snapshot (issue 12, 5)
+        self.engines = [E.make_teacher(E.build_partitioned(model_config, seed, ds_cfg, init=False), ds_cfg)
+                        for _ in range(min(slots, len(self.snaps)))]
         self.loaded = [None] * len(self.engines)
         self.loads = 0
         if E.rank() == 0:

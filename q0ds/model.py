@@ -40,8 +40,9 @@ def build_config(mcfg, tokenizer_vocab: int, eos_id: int, pad_id: int, max_len: 
     else:
         kw = dict(PRESETS[mcfg.preset])
         kw.setdefault("vocab_size", padded_vocab(tokenizer_vocab))
+        # model.dropout is residual dropout (build_model), as in the reference; no attention-probability dropout
         config = Qwen3Config(**kw, tie_word_embeddings=False, rms_norm_eps=1e-6,
-                             max_position_embeddings=max(2048, max_len), attention_dropout=mcfg.dropout)
+                             max_position_embeddings=max(2048, max_len), attention_dropout=0.0)
     if config.vocab_size < tokenizer_vocab:
         raise ModelError(f"model vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens; "
                          "use a model config with a larger vocab or a smaller tokenizer")
@@ -51,11 +52,41 @@ def build_config(mcfg, tokenizer_vocab: int, eos_id: int, pad_id: int, max_len: 
     return config
 
 
-def build_model(config, seed: int):
-    """Fresh model with a deterministic init from `seed` (the base's seed)."""
+def build_model(config, seed: int, dropout: float = 0.0):
+    """Fresh model with a deterministic init from `seed` (the base's seed), with residual dropout `dropout`."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    add_residual_dropout(model, dropout)
+    return model
+
+
+def add_residual_dropout(model, p: float) -> int:
+    """Residual dropout as in the reference (slowrun unlimited/train.py): dropout on the attention output
+    (after o_proj) and on the MLP output of every decoder layer, before each is added to the residual stream.
+    Done with forward hooks, so the module tree, the state dict and the saved config stay plain Qwen3 (a
+    snapshot loads in transformers without them, where dropout is off at eval anyway). Active in train mode
+    only. Returns the number of hooks added."""
+    if p <= 0:
+        return 0
+    import torch.nn.functional as F
+
+    def hook(module, args, out):
+        if not module.training:
+            return out
+        if isinstance(out, tuple):                       # attention returns (output, weights)
+            return (F.dropout(out[0], p, True), *out[1:])
+        return F.dropout(out, p, True)
+    n = 0
+    for layer in getattr(getattr(model, "model", model), "layers", []):
+        for sub in (getattr(layer, "self_attn", None), getattr(layer, "mlp", None)):
+            if sub is not None:
+                sub.register_forward_hook(hook)
+                n += 1
+    if n == 0:
+        raise ModelError(f"model.dropout={p}: found no decoder layers with self_attn/mlp in "
+                         f"{type(model).__name__} to apply residual dropout to; set model.dropout=0")
+    return n
 
 
 def param_count(model) -> int:

@@ -27,8 +27,14 @@ PRESETS = {
         "ds_config": "ds_configs/zero3_bf16.hjson",
         "model": {"preset": "1.8b", "dtype": "bf16", "dropout": 0.1},
         # 256 x 2048 = 524,288 tokens peak; 192 x 2048 = 393,216 early/late (method.md)
-        "train": {"seq_len": 2048, "micro_batch": 4, "global_batch": 256, "small_batch": 192, "ckpt_every": 200},
-        "optim": {"name": "muon", "lr": 3e-3, "muon_lr": 0.02, "weight_decay": 1.3},
+        "train": {"seq_len": 2048, "micro_batch": 4, "global_batch": 256, "small_batch": 192, "ckpt_every": 200,
+                  "grad_clip": 1.0},
+        # The reference recipe (slowrun unlimited/train.py, effective LR = flag x lr_multiplier 0.25; method.md
+        # "Scale of the real run"): Muon 0.04x0.25 on matrices (DeepSpeed's Muon scales it by
+        # sqrt(max(1, rows/cols)) per matrix, as the reference), AdamW embeddings 0.15x0.25, head 0.002x0.25,
+        # scalars 0.1x0.25 (WD 0), betas (0.8, 0.95), eps 1e-10, WD 1.3; grad clip 1.0 on the raw gradients.
+        "optim": {"name": "muon", "muon_lr": 0.01, "lr": 0.0375, "embed_lr": 0.0375, "head_lr": 0.0005,
+                  "scalar_lr": 0.025, "betas": [0.8, 0.95], "eps": 1e-10, "weight_decay": 1.3, "muon_momentum": 0.95},
         "schedule": {"cycles": 96, "cycle_epochs": 2.0},
         "distill": {"start_cycle": 8},
         "eval": {"batch": 8},

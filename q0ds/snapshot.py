@@ -159,23 +159,23 @@ def member_id(snap_dir) -> str:
 
 # ---------------------------------------------------------------- scoring
 @torch.no_grad()
-def token_logprobs(model, windows, mask, batch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """log p(true next token) at every masked position of `windows` ([n, seq+1]), in order, on every rank.
-    Windows are sharded over ranks; every rank runs the same number of forwards (ZeRO-3 gathers
-    parameters collectively, so an idle rank would hang the others), padding with repeats."""
+def token_logprobs(model, windows, mask, batch: int, rank: int = 0, world: int = 1, device=None) -> torch.Tensor:
+    """log p(true next token) at every masked position of `windows` ([n, seq+1]), in order, on every rank
+    (a host tensor). Windows are sharded over ranks; every rank runs the same number of forwards (ZeRO-3
+    gathers parameters collectively, so an idle rank would hang the others), padding with repeats. The
+    per-rank results are gathered on `device` (the engine's; default: the model's first parameter's)."""
+    from .engine import all_gather_cat
     n, seq = windows.shape[0], windows.shape[1] - 1
     per = math.ceil(n / world)
     mine = list(range(rank * per, min(n, (rank + 1) * per)))
-    out = torch.zeros(per, seq, dtype=torch.float32)
-    device = next(iter(model.parameters())).device
+    device = device or next(iter(model.parameters())).device
+    out = torch.zeros(per, seq, dtype=torch.float32, device=device)
     for start in range(0, per, batch):
         idx = [mine[i] if i < len(mine) else 0 for i in range(start, min(per, start + batch))]
         w = windows[idx].to(device)
         logits = model(input_ids=w[:, :-1]).logits.float()
         lp = logits.gather(-1, w[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-        out[start:start + len(idx)] = lp.cpu()
+        out[start:start + len(idx)] = lp
     if world > 1:
-        parts = [torch.zeros_like(out) for _ in range(world)]
-        torch.distributed.all_gather(parts, out)
-        out = torch.cat(parts)
-    return out[:n][mask]
+        out = all_gather_cat(out, device)
+    return out.cpu()[:n][mask]

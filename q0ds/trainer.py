@@ -27,7 +27,7 @@ from .config import ConfigError, RunConfig, atomic_write_text, save_config
 from .data import PreparedData
 from .distill import distill_loss
 from .faults import crash_if, fault
-from .model import build_config, build_model
+from .model import build_config
 from .monitor import Monitor, truncate_metrics
 from .runlock import BaseLock
 from .schedule import multipliers, perturb_scale, run_plan
@@ -61,14 +61,37 @@ def base_dir(cfg: RunConfig, base: int) -> Path:
     return Path(cfg.run_dir) / "bases" / f"base-{base:02d}"
 
 
+def _device_rng():
+    """(get, set) of this rank's accelerator generator (CUDA: drives dropout on GPUs), or None on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_rng_state, torch.cuda.set_rng_state
+    return None
+
+
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """This rank's generator states; saved in its own client state (per rank under ZeRO-3, deepspeed.md 6)."""
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    dev = _device_rng()
+    if dev is not None:
+        s["device"] = dev[0]()
+    return s
 
 
 def _set_rng_state(s: dict):
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
+    dev = _device_rng()
+    if dev is not None:
+        if "device" not in s:
+            raise ResumeError("this checkpoint has no accelerator RNG state (written on CPU); resuming it on GPUs "
+                              "would not reproduce dropout: resume on CPU or use a new run_dir")
+        dev[1](s["device"])
+
+
+def rank_seed(seed: int, rank: int, *more: int) -> int:
+    """The dropout/generator seed of one rank of a base: different on every rank (and from the init seed)."""
+    return int(np.random.SeedSequence([seed, rank, *more]).generate_state(1)[0])
 
 
 def latest_checkpoint(ckpt_dir: Path):
@@ -126,10 +149,14 @@ class BaseTrainer:
         self.cfg, self.base = cfg, base
         warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")
         self.rank, self.world, self.local_rank = E.setup_distributed()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         if not torch.cuda.is_available():
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
             # Q0DS_THREADS lets `q0ds run` share the cores between bases trained side by side
             torch.set_num_threads(int(os.environ.get("Q0DS_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local_world))
+        elif not os.environ.get("OMP_NUM_THREADS"):
+            # GPU node outside SLURM: the deepspeed launcher sets no thread count (launcher/launch.py main(), only
+            # with --bind_cores_to_rank), so 8 ranks would each use every core for host work (hashing, scoring)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         cfg.train.check_world(self.world)
         if not 0 <= base < cfg.bases:
             raise ConfigError(f"--base {base} is out of range: the run config has bases={cfg.bases}")
@@ -147,14 +174,19 @@ class BaseTrainer:
         self.source_world = self._checkpoint_world()
         if self.source_world not in (None, self.world):      # resume on another world size: universal checkpoint
             ds = E.universal_ds_config(ds)
-        self.student, self.sched = E.make_student(build_model(self.model_config, self.seed), ds, cfg.optim,
-                                                  lambda s: multipliers(min(s, self.plan.total_steps - 1), self.plan, cfg.schedule))
+        # built partitioned (zero.Init) in the engine's dtype; the teacher without a random init (overwritten)
+        self.student, self.sched = E.make_student(E.build_partitioned(self.model_config, self.seed, ds, cfg.model.dropout), ds, cfg.optim,
+                                                  lambda s: multipliers(min(s, self.plan.total_steps - 1), self.plan, cfg.schedule),
+                                                  grad_clip=cfg.train.grad_clip)
         d = cfg.distill
-        self.teacher = (E.make_teacher(build_model(self.model_config, self.seed), ds)
+        self.teacher = (E.make_teacher(E.build_partitioned(self.model_config, self.seed, ds, init=False), ds)
                         if d.enabled and d.start_cycle < cfg.schedule.cycles else None)
         self.teacher_cycle = None
         if self.rank == 0:   # only now that DeepSpeed accepted the config: a refused launch leaves no run dir behind
             self.lock = _write_run_config(cfg, self.dir)
+        # every rank built the same initial weights from self.seed; from here each rank draws its own dropout
+        # masks (torch.manual_seed seeds the CPU and every CUDA generator)
+        torch.manual_seed(rank_seed(self.seed, self.rank))
         self.val = self.data.eval_windows("val", t.seq_len)
         self.fitness = self.data.eval_windows("fitness", t.seq_len) if cfg.eval.fitness else None
         self.fitness_fingerprint = windows_fingerprint(self.fitness) if self.fitness else None
@@ -182,6 +214,7 @@ class BaseTrainer:
         while self.step < self.plan.total_steps:
             cyc = self.plan.cycle_at(self.step)
             parts = self._train_step(cyc)
+            stop = parts.pop("stop")
             self.step += 1
             now = time.time()
             tok_s = cyc.batch * self.cfg.train.seq_len / max(1e-9, now - t_last)
@@ -193,7 +226,7 @@ class BaseTrainer:
                 self._checkpoint()
             if self.rank == 0:
                 crash_if("crash_at_step", self.step)
-            if E.any_rank(self.signals.caught is not None or fault("preempt_at_step") == self.step):
+            if stop:                           # any rank caught a signal: folded into the step's all-reduce
                 if self._last_checkpoint != self.step:
                     self._checkpoint()
                 self._print(f"pre-empted ({self.signals.caught or 'test'}) at step {self.step}: checkpoint written, exit {EXIT_PREEMPTED}")
@@ -213,7 +246,8 @@ class BaseTrainer:
         start = self.plan.sample_at(self.step) + self.rank * per_rank
         rows = self.data.train_samples(self.cfg.seed, self.base, start, per_rank, t.seq_len)
         distilled = self._distilled(cyc)
-        sums = torch.zeros(3, device=self.student.device)
+        dev = self.student.device
+        sums = torch.zeros(4, device=dev)
         for i in range(n_micro):
             w = rows[i * t.micro_batch:(i + 1) * t.micro_batch].to(self.student.device)
             inputs, labels = w[:, :-1], w[:, 1:]
@@ -222,16 +256,20 @@ class BaseTrainer:
                 logits = logits * float("nan")
             loss, parts = self._loss(logits, inputs, labels, distilled)
             E.micro_step(self.student, loss, n_micro, last=i == n_micro - 1)
-            sums += torch.stack([loss.detach().float(), parts["ce"].float(), parts["kl"].float().to(sums.device)])
-        if self.world > 1:
-            torch.distributed.all_reduce(sums)      # one collective per step; also tells every rank about a NaN
-        loss, ce, kl = (sums / (n_micro * self.world)).tolist()
+            sums[:3] += torch.stack([loss.detach().float(), parts["ce"].float(), parts["kl"].float().to(dev)])
+        # The stop flag (SIGUSR1/SIGTERM, or the test fault) rides in the loss all-reduce: one collective and one
+        # host sync per step (the .tolist()); it also tells every rank about a NaN.
+        stop = self.signals.caught is not None or fault("preempt_at_step") == self.step + 1
+        sums[3] = float(stop)
+        sums = E.all_reduce_(sums, dev).tolist()
+        loss, ce, kl = (v / (n_micro * self.world) for v in sums[:3])
         if not math.isfinite(loss) and t.nan_policy == "stop":
             # ZeRO-3 flags the non-finite gradient as overflow and skips the update, so the weights are still good
             raise NonFiniteLoss(f"non-finite loss at step {self.step} (cycle {cyc.index}, base {self.base}); the update "
                                 f"was skipped, and the last good checkpoint in {self.ckpt_dir} and all finished snapshots "
                                 "are intact. Lower optim.lr or set train.nan_policy=skip, then relaunch to resume")
-        return {"lr_mult": lr_m, "wd_mult": wd_m, "loss": loss, "ce": ce, "kl": kl, "distilled": distilled}
+        return {"lr_mult": lr_m, "wd_mult": wd_m, "loss": loss, "ce": ce, "kl": kl, "distilled": distilled,
+                "stop": sums[3] > 0}
 
     def _distilled(self, cyc) -> bool:
         """Does this cycle learn from a teacher? (Hook: ensemble_distill.py's teacher is the top-K mixture.)"""
@@ -292,7 +330,8 @@ class BaseTrainer:
         sets = {"val": self.val, "fitness": self.fitness}
         for name, wm in sets.items():
             if wm is not None:
-                out[name] = token_logprobs(self.student, wm[0], wm[1], self.cfg.eval.batch, self.rank, self.world)
+                out[name] = token_logprobs(self.student, wm[0], wm[1], self.cfg.eval.batch, self.rank, self.world,
+                                           device=self.student.device)
         self.student.train()
         return out
 
@@ -353,6 +392,11 @@ class BaseTrainer:
                               + "; restore the original or use a new run_dir")
         self.step = self._last_checkpoint = cs["step"]
         _set_rng_state(cs["rng"])
+        if marker["world_size"] != self.world:
+            # the set of ranks changed, so per-rank generator states cannot carry over (DeepSpeed's universal load
+            # hands every rank the client state of source rank 0): each rank starts a fresh stream of its own,
+            # deterministic in (seed, rank, step). Dropout masks then differ from an uninterrupted run.
+            torch.manual_seed(rank_seed(self.seed, self.rank, self.step))
         self.sched.sync(self.step)
         self.teacher_cycle = cs["teacher_cycle"]
         if self.teacher is not None and self.teacher_cycle is not None:
@@ -379,11 +423,17 @@ class BaseTrainer:
 
     def _log_step(self, cyc, parts, tok_s, bar):
         lr_m, wd_m = parts["lr_mult"], parts["wd_mult"]
+        groups = E.group_values(self.sched, (lr_m, wd_m))   # {matrix|embed|head|scalar: (lr, wd)} of this step
+        lr, wd = groups.get("matrix", next(iter(groups.values())))
         rec = {"step": self.step, "epoch": round(self.plan.epoch_at(self.step), 6), "cycle": cyc.index,
-               "lr": self.sched.base[0][0] * lr_m, "wd": self.sched.base[0][1] * wd_m, "batch": cyc.batch,
+               "lr": lr, "wd": wd, **{f"lr_{g}": v[0] for g, v in groups.items()},
+               **{f"wd_{g}": v[1] for g, v in groups.items()}, "batch": cyc.batch,
                **parts, "tokens_per_s": round(tok_s, 1)}
         if self.rank == 0:
             if self.step % self.cfg.train.log_every == 0 or self.step == cyc.end_step:
+                norm = getattr(self.student, "q0ds_raw_grad_norm", None)
+                if norm is not None:                         # Muon + grad_clip: the raw norm before clipping
+                    rec["grad_norm"] = norm.item()
                 self._log(rec)
             if bar:
                 bar.update(1)

@@ -195,6 +195,14 @@ if [[ -z ${OMP_NUM_THREADS:-} ]]; then
     cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
     export OMP_NUM_THREADS=$((cpus / RANKS > 0 ? cpus / RANKS : 1))
 fi
+# Collective wait bound, minutes (DeepSpeed's default 10, deepspeed/constants.py default_pg_timeout): rank 0
+# writes and hashes a snapshot (~3.5 GB at 1.8B) while the other ranks wait in the next collective.
+export DEEPSPEED_TIMEOUT=${DEEPSPEED_TIMEOUT:-60}
+if [[ $Q0DS_CPU == 0 && -z ${TORCH_EXTENSIONS_DIR:-} ]]; then
+    # JIT-built ops (FusedAdam unless prebuilt with DS_BUILD_FUSED_ADAM=1 pip install deepspeed) go to a
+    # node-local cache, not a shared home dir that every node and rank would compile into at once
+    export TORCH_EXTENSIONS_DIR=${TMPDIR:-/tmp}/q0ds-torch-extensions-${USER:-$(id -u)}
+fi
 
 NNODES=${SLURM_JOB_NUM_NODES:-1}
 mapfile -t HOSTS < <(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname -s)}" 2>/dev/null || hostname -s)
@@ -240,7 +248,7 @@ cat <<EOF
 job         ${SLURM_JOB_ID:-none} (${JOB_REF:-not under SLURM}), restart ${SLURM_RESTART_COUNT:-0}
 base        $BASE of $NBASES
 nodes       $NNODES: ${HOSTS[*]}  (master $MASTER:$PORT)
-devices     $RANKS $DEVICE per node, ${SLURM_CPUS_PER_TASK:-?} CPUs per node, OMP_NUM_THREADS=$OMP_NUM_THREADS
+devices     $RANKS $DEVICE per node, ${SLURM_CPUS_PER_TASK:-?} CPUs per node, OMP_NUM_THREADS=$OMP_NUM_THREADS, DEEPSPEED_TIMEOUT=${DEEPSPEED_TIMEOUT}m
 config      $CONFIG ${OVERRIDES[*]}
 run dir     $RUN_DIR
 resume      $RESUME

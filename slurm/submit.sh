@@ -10,6 +10,8 @@
 #   Q0DS_CPU=1               CPU ranks: no --gpus-per-node; --cpus-per-task = ranks per node
 #   Q0DS_GPUS_PER_NODE       GPUs (or CPU ranks) per base (default 8 on GPUs, 1 on CPU)
 #   Q0DS_CPUS_PER_TASK       CPUs per base (default 8 per GPU on GPUs; = ranks on CPU)
+#   Q0DS_MEM                 host memory per node (sbatch --mem; default 0 = all of the node's on GPUs, none
+#                            requested on CPU). One 1.8B base needs ~100 GB host RAM for 8 ranks + checkpoints.
 #   Q0DS_SBATCH_BASES_ARGS   extra sbatch args for the bases array only (e.g. "--time=48:00:00 --nodes=2")
 #   Q0DS_SBATCH_PRIOR_ARGS   extra sbatch args for the prior job only
 #   Q0DS_PYTHON, Q0DS_OVERRIDES, Q0DS_ROOT   passed on to the jobs (see slurm/q0_bases.sh)
@@ -33,6 +35,9 @@ command -v sbatch >/dev/null || die "sbatch not found: is this a SLURM login nod
 
 PY=${Q0DS_PYTHON:-python}
 command -v "$PY" >/dev/null || die "python not found: $PY (set Q0DS_PYTHON)"
+# the jobs run q0ds with this python: check it imports before blaming the config or submitting anything
+err=$(cd "$ROOT" && PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import q0ds.cli, deepspeed" 2>&1 >/dev/null) ||
+    die "$PY cannot import q0ds and deepspeed (${err##*$'\n'}); set Q0DS_PYTHON to the python of the q0ds venv (nothing submitted)"
 OVERRIDES=()
 if [[ -n ${Q0DS_OVERRIDES:-} ]]; then read -r -a OVERRIDES <<<"$Q0DS_OVERRIDES"; fi
 config_get() { (cd "$ROOT" && PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m q0ds.cli config-get --config "$CONFIG" "$1" "${OVERRIDES[@]}"); }
@@ -44,10 +49,11 @@ mkdir -p "$RUN_DIR/logs"
 if [[ ${Q0DS_CPU:-0} == 1 ]]; then
     RANKS=${Q0DS_GPUS_PER_NODE:-1}
     RESOURCES=(--cpus-per-task="${Q0DS_CPUS_PER_TASK:-$RANKS}")
+    if [[ -n ${Q0DS_MEM:-} ]]; then RESOURCES+=(--mem="$Q0DS_MEM"); fi
     KIND="CPU ranks"
 else
     RANKS=${Q0DS_GPUS_PER_NODE:-8}
-    RESOURCES=(--gpus-per-node="$RANKS" --cpus-per-task="${Q0DS_CPUS_PER_TASK:-$((8 * RANKS))}")
+    RESOURCES=(--gpus-per-node="$RANKS" --cpus-per-task="${Q0DS_CPUS_PER_TASK:-$((8 * RANKS))}" --mem="${Q0DS_MEM:-0}")
     KIND="GPUs"
 fi
 BASES_EXTRA=() PRIOR_EXTRA=()

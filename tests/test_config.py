@@ -74,13 +74,32 @@ def test_every_preset_validates_and_builds_its_model_config(name):
 def test_every_shipped_ds_config_parses():
     from pathlib import Path
     from q0ds.engine import load_ds_config, student_ds_config
-    cfg = load_config(None, [], base=preset_config("tiny", "d", "r"))
     files = sorted(Path(__file__).resolve().parent.parent.glob("ds_configs/*.hjson"))
     assert len(files) >= 2
     for f in files:
-        d = student_ds_config(load_ds_config(f), cfg, 2)
+        raw = load_ds_config(f)
+        dtype = "bf16" if raw.get("bf16", {}).get("enabled") else "fp32"
+        cfg = load_config(None, [f"model.dtype={dtype}"], base=preset_config("tiny", "d", "r"))
+        d = student_ds_config(raw, cfg, 2)
         assert d["zero_optimization"]["stage"] == 3 and d["gradient_clipping"] == cfg.train.grad_clip
         assert d["train_batch_size"] == cfg.train.micro_batch * 2
+        if dtype == "bf16":      # micro-batches are summed in fp32, not bf16 (issue 12 section 4)
+            assert d["data_types"]["grad_accum_dtype"] == "fp32"
+        other = load_config(None, [f"model.dtype={'fp32' if dtype == 'bf16' else 'bf16'}"], base=cfg.to_dict())
+        with pytest.raises(ConfigError, match=f"bf16.enabled=.*model.dtype={other.model.dtype}; set model.dtype={dtype}"):
+            student_ds_config(raw, other, 2)       # a silent fp32 run on the bf16 engine config is refused
+
+
+def test_muon_turns_the_engine_clip_off_and_keeps_momentum_fp32():
+    from q0ds.engine import load_ds_config, student_ds_config
+    cfg = load_config(None, [], base=preset_config("1.8b", "d", "r"))
+    assert cfg.optim.name == "muon" and cfg.train.grad_clip == 1.0
+    d = student_ds_config(load_ds_config(cfg.ds_config), cfg, 8)
+    assert d["gradient_clipping"] == 0.0 and d["communication_data_type"] == "fp32"
+    assert d["zero_optimization"]["reduce_scatter"] is False
+    adamw = load_config(None, ["optim.name=adamw"], base=cfg.to_dict())
+    d = student_ds_config(load_ds_config(cfg.ds_config), adamw, 8)
+    assert d["gradient_clipping"] == 1.0 and "communication_data_type" not in d
 
 
 def test_ds_config_refuses_managed_keys(tmp_path):

@@ -15,7 +15,8 @@ import torch
 from conftest import read_jsonl, run_launcher
 
 OVERRIDES = ["schedule.cycles=4", "schedule.cycle_steps=3", "distill.start_cycle=2", "train.ckpt_every=2",
-             "train.verify_teacher=true", "train.micro_batch=2", "train.global_batch=8", "train.small_batch=4"]
+             "train.verify_teacher=true", "train.micro_batch=2", "train.global_batch=8", "train.small_batch=4",
+             "model.dropout=0.1"]      # residual dropout: exact resume then also needs each rank's generator
 
 
 def snapshot_hashes(run_dir):
@@ -33,12 +34,13 @@ def straight(tmp_path_factory, embedded_data):
     from q0ds.presets import preset_config
     root = tmp_path_factory.mktemp("e2e")
 
-    def config(name):
-        cfg = load_config(None, OVERRIDES, base=preset_config("tiny", data=str(embedded_data), run_dir=str(root / name)))
+    def config(name, *extra):
+        cfg = load_config(None, OVERRIDES + list(extra), base=preset_config("tiny", data=str(embedded_data), run_dir=str(root / name)))
         save_config(cfg, root / f"{name}.json")
         return root / f"{name}.json", cfg
     path, cfg = config("straight")
-    run_launcher(path, 0)
+    # every tensor reaching torch.distributed is logged per rank (engine._record_collectives)
+    run_launcher(path, 0, env={"Q0DS_RECORD_COLLECTIVES": str(root / "collectives")})
     return config, cfg
 
 
@@ -64,6 +66,28 @@ def test_snapshots_load_and_reproduce_val_loss(straight):
     assert losses[-1] < losses[0], f"val loss did not improve over cycles: {losses}"
 
 
+def test_collectives_use_the_engine_device(straight):
+    """Issue 12 section 1: q0ds's own collectives go through engine.py's helpers, with every tensor on the
+    device the helper was told to use (the engine's), and the step costs exactly one q0ds all-reduce."""
+    _, cfg = straight
+    logs = sorted((Path(cfg.run_dir).parent / "collectives").glob("rank-*.jsonl"))
+    assert [p.name for p in logs] == ["rank-0.jsonl", "rank-1.jsonl"]
+    for log in logs:
+        recs = read_jsonl(log)
+        ours = [r for r in recs if r["caller"]]         # torch.distributed called from q0ds code directly
+        outside = {r["caller"] for r in ours if not r["caller"].startswith("engine.py:")}
+        assert not outside, f"collectives issued outside engine.py: {outside}"
+        assert any(r["within"] and r["within"].startswith("trainer.py") for r in recs if not r["caller"]), \
+            "DeepSpeed's own collectives during training should be recorded too"
+        helpers = [r for r in ours if r["expected"] is not None]
+        assert helpers and all(r["expected"] == "cpu" for r in helpers)
+        wrong = [r for r in helpers if any(d != r["expected"] for d in r["devices"])]
+        assert not wrong, f"tensors not on the helper's device: {wrong[:3]}"
+        calls = [r["caller"] for r in helpers]
+        assert calls.count("engine.py:all_reduce_") == 12, "one q0ds all-reduce per step (loss, NaN and stop flag)"
+        assert calls.count("engine.py:all_gather_cat") == 8, "val + fitness scores gathered at each of 4 cycle ends"
+
+
 def test_metrics_show_sawtooth_wd_antiphase_and_distillation(straight):
     _, cfg = straight
     recs = read_jsonl(Path(cfg.run_dir) / "bases/base-00/metrics.jsonl")
@@ -75,6 +99,9 @@ def test_metrics_show_sawtooth_wd_antiphase_and_distillation(straight):
         assert r["wd_mult"] == pytest.approx(0.7 + 0.3 * (1 - r["lr_mult"]) / 0.92)
         assert (r["kl"] > 0) == (r["cycle"] >= 2) and r["distilled"] == (r["cycle"] >= 2)
         assert r["batch"] == (8 if r["cycle"] in (1, 2) else 4)      # block-triangular batch schedule
+        assert r["lr"] == r["lr_matrix"] == pytest.approx(cfg.optim.lr * r["lr_mult"])   # every group's lr and wd
+        assert {"lr_embed", "lr_head", "lr_scalar", "wd_matrix", "wd_scalar"} <= set(r) and r["wd_scalar"] == 0.0
+        assert r["wd"] == r["wd_matrix"] == pytest.approx(cfg.optim.weight_decay * r["wd_mult"])
     teacher = [r for r in recs if r.get("event") == "teacher"]
     assert [t["cycle"] for t in teacher] == [1, 2], "teacher must hold snapshot c-1 from cycle distill_start on"
     assert all(t["max_abs_diff"] == 0.0 for t in teacher)
@@ -99,15 +126,26 @@ def test_interrupted_run_resumes_exactly(straight, fault):
     assert step_losses(other.run_dir) == step_losses(cfg.run_dir)
 
 
+@pytest.fixture(scope="module")
+def straight_no_dropout(straight):
+    """The uninterrupted 2-rank run without dropout: the reference for a change of world size, where dropout
+    masks cannot continue (the set of ranks, hence of per-rank generators, changes)."""
+    config, _ = straight
+    path, cfg = config("straight-no-dropout", "model.dropout=0.0")
+    run_launcher(path, 0)
+    return cfg
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
-def test_resume_on_a_different_world_size(straight, first, second):
+def test_resume_on_a_different_world_size(straight, straight_no_dropout, first, second):
     """Pre-empted at step 4 on `first` ranks, resumed on `second` through DeepSpeed's universal checkpoint. The
     schedule, batch sizes, epochs and teacher events continue exactly; losses stay within 1e-4 (nats) of the
     uninterrupted 2-rank run: the reduction order changes with the world size, so bitwise identity is not
-    expected (measured differences are ~1e-6). Formats are unchanged."""
-    config, cfg = straight
-    path, other = config(f"world{first}to{second}")
+    expected (measured differences are ~1e-6). Formats are unchanged. Without dropout: see straight_no_dropout."""
+    config, _ = straight
+    cfg = straight_no_dropout
+    path, other = config(f"world{first}to{second}", "model.dropout=0.0")
     p = run_launcher(path, 0, ranks=first, env={"Q0DS_FAULT": "preempt_at_step=4"}, check=False)
     assert p.returncode == 75, p.stderr[-3000:]
     p = run_launcher(path, 0, ranks=second)
