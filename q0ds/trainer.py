@@ -128,7 +128,13 @@ class BaseTrainer:
                                          self.data.meta.get("pad_id", self.data.eos_id), t.seq_len)
         self.seed = cfg.seed + base
         ds = E.student_ds_config(E.load_ds_config(cfg.ds_config), cfg, self.world)
-        self.student, self.sched = E.make_student(build_model(self.model_config, self.seed), ds, cfg.optim,
+        student = build_model(self.model_config, self.seed)
+        if t.activation_checkpointing:
+            # transformers 5.x modeling_utils.PreTrainedModel.activation_checkpointing_enable (the new name of
+            # gradient_checkpointing_enable): non-reentrant torch.utils.checkpoint around each decoder layer's
+            # __call__, so ZeRO-3's module hooks re-gather the layer's params in the recompute
+            student.activation_checkpointing_enable({"use_reentrant": False})
+        self.student, self.sched = E.make_student(student, ds, cfg.optim,
                                                   lambda s: multipliers(min(s, self.plan.total_steps - 1), self.plan, cfg.schedule))
         d = cfg.distill
         self.teacher = (E.make_teacher(build_model(self.model_config, self.seed), ds)
