@@ -343,6 +343,8 @@ class BaseTrainer:
         rec = {"step": self.step, "epoch": round(self.plan.epoch_at(self.step), 6), "cycle": cyc.index,
                "lr": self.sched.base[0][0] * lr_m, "wd": self.sched.base[0][1] * wd_m, "batch": cyc.batch,
                **parts, "tokens_per_s": round(tok_s, 1)}
+        if torch.cuda.is_available():                       # benchmarks/gpu_check.py reads it (rank 0's device)
+            rec["peak_gpu_mem_bytes"] = torch.cuda.max_memory_allocated()
         if self.rank == 0:
             if self.step % self.cfg.train.log_every == 0 or self.step == cyc.end_step:
                 self._log(rec)
