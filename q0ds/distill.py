@@ -70,14 +70,20 @@ class _ChunkedCEKL(torch.autograd.Function):
         ce = ce_sum / n
         kl = kl_sum / nk
         loss = (1.0 - alpha) * ce + alpha * T ** 2 * kl      # alpha 0 (no teacher): exactly ce
-        ctx.save_for_backward(grad if need_grad else None)
+        ctx.grad = grad          # not save_for_backward: backward scales it in place, so no second full copy
         ctx.mark_non_differentiable(ce, kl)
         return loss, ce, kl
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_loss, _g_ce, _g_kl):
-        (grad,) = ctx.saved_tensors
-        return (grad * g_loss.to(grad.dtype) if grad is not None else None), None, None, None, None, None, None
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("the chunked distillation loss was backpropagated twice (retain_graph); "
+                               "call backward once per forward")
+        if not bool(g_loss == 1):
+            grad.mul_(g_loss.to(grad.dtype))
+        return grad, None, None, None, None, None, None
 
 
 def _chunked(student_BSV, teacher_BSV, labels_BS, alpha, temperature, teacher_is_logp, chunk_elems):
