@@ -397,10 +397,10 @@ def format_memory_plan(d: dict, t: dict | None = None) -> str:
     lines = [f"Memory plan (ESTIMATE): {d['model']} ({d['params'] / 1e9:.3f}B params), ZeRO-3 over "
              f"{d['gpus']} GPUs, micro batch {d['micro_batch']} x seq {d['seq_len']}, {d['optimizer']}, "
              f"teacher {'on' if d['teacher'] else 'off'}, checkpointing {'on' if d['checkpointing'] else 'off'}",
-             f"  {'component':<44}{'GB/GPU':>9}"]
-    lines += [f"  {k:<44}{v / GB:>9.2f}" for k, v in d["bytes"].items()]
+             f"  {'component':<58}{'GB/GPU':>9}"]
+    lines += [f"  {k:<58}{v / GB:>9.2f}" for k, v in d["bytes"].items()]
     verdict = "fits" if d["fits"] else "DOES NOT FIT"
-    lines += [f"  {'total':<44}{d['total_bytes'] / GB:>9.2f}  of {d['gpu_mem_bytes'] / GB:g} GB: {verdict}",
+    lines += [f"  {'total':<58}{d['total_bytes'] / GB:>9.2f}  of {d['gpu_mem_bytes'] / GB:g} GB: {verdict}",
               f"  largest micro batch that fits: {d['max_micro_batch']}"]
     ds = d.get("deepspeed")
     if ds and "gpu_bytes" in ds:
