@@ -35,8 +35,8 @@ class _ChunkedCEKL(torch.autograd.Function):
     """loss = (1 - alpha) * CE + alpha * T^2 * KL over [N, V] rows, chunk by chunk; grad computed in forward."""
 
     @staticmethod
-    def forward(ctx, z_NV, teacher_NV, labels_N, alpha, T, teacher_is_logp, rows):
-        need_grad = ctx.needs_input_grad[0]
+    def forward(ctx, z_NV, teacher_NV, labels_N, alpha, T, teacher_is_logp, rows, want_grad):
+        need_grad = ctx.needs_input_grad[0] and want_grad     # False under torch.no_grad (eval): no gradient work
         mask = labels_N != -100
         n = mask.sum().to(torch.float32)             # CE: mean over labelled tokens (nan if none, as F.cross_entropy)
         nk = n.clamp_min(1.0)                        # KL: same mean, clamped (as before)
@@ -83,14 +83,15 @@ class _ChunkedCEKL(torch.autograd.Function):
                                "call backward once per forward")
         if not bool(g_loss == 1):
             grad.mul_(g_loss.to(grad.dtype))
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _chunked(student_BSV, teacher_BSV, labels_BS, alpha, temperature, teacher_is_logp, chunk_elems):
     V = student_BSV.shape[-1]
     t = None if teacher_BSV is None else teacher_BSV.detach().reshape(-1, V)
     loss, ce, kl = _ChunkedCEKL.apply(student_BSV.reshape(-1, V), t, labels_BS.reshape(-1),
-                                      float(alpha), float(temperature), teacher_is_logp, chunk_rows(V, chunk_elems))
+                                      float(alpha), float(temperature), teacher_is_logp, chunk_rows(V, chunk_elems),
+                                      torch.is_grad_enabled())
     return loss, {"ce": ce.detach(), "kl": kl.detach() if t is not None and alpha != 0.0 else torch.zeros(())}
 
 
