@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test test-fast bench clean-runs venv
+.PHONY: demo test test-fast bench clean-runs venv gpu-check memory-probe
 
 venv: $(STAMP)
 
@@ -37,6 +37,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overheads.py
 	$(BIN)/python benchmarks/prior_fit.py
 	$(BIN)/python benchmarks/data_efficiency.py
+
+# One JSON summary of the 1.8b preset on the CUDA GPUs present (<= 8 min); fails clearly without a GPU.
+gpu-check: $(STAMP)
+	DS_ACCELERATOR=cuda $(BIN)/python benchmarks/gpu_check.py
+
+# Re-measure the memory plan's constants (benchmarks/results/memory_probe.json; copy into q0ds/plan.py MEASURED).
+memory-probe: $(STAMP)
+	$(BIN)/python benchmarks/memory_probe.py
 
 clean-runs:
 	rm -rf runs

@@ -117,7 +117,7 @@ def cmd_plan(a):
     from . import plan
     if a.memory:
         mem = plan.memory_plan(model=a.model, gpus=a.gpus, micro_batch=a.micro_batch, seq_len=a.seq_len,
-                               optimizer=a.optimizer)
+                               optimizer=a.optimizer, checkpointing=a.checkpointing)
         print(plan.format_memory_plan(mem, plan.time_plan(model=a.model, gpus=a.gpus, seq_len=a.seq_len)))
         return 0
     alloc = plan.plan_budget(a.epochs, nodes=a.nodes)
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--micro-batch", type=int, default=4)
     s.add_argument("--seq-len", type=int, default=2048)
     s.add_argument("--optimizer", default="adamw")
+    s.add_argument("--checkpointing", action="store_true",
+                   help="plan with activation checkpointing (run config train.activation_checkpointing=true)")
     s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("lm-eval", help="downstream tasks with lm-evaluation-harness on the top-K mixture")

@@ -47,6 +47,7 @@ class TrainConfig:
     keep_ckpts: int = 2
     nan_policy: str = "stop"      # stop | skip
     verify_teacher: bool = False  # after each teacher refresh, gather it and log its max diff to the snapshot
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward (HF gradient_checkpointing_enable)
 
     def check(self):
         for name in ("seq_len", "micro_batch", "global_batch", "log_every", "ckpt_every", "keep_ckpts"):

@@ -3,35 +3,109 @@
 Shapes: logits_BSV are [batch, seq, vocab]; labels_BS are [batch, seq] with -100 for ignored positions.
 The KL is averaged over the labelled tokens, as the CE is. The teacher never receives a gradient.
 
+Chunked (issue 13): `distill_loss` and `mixture_distill_loss` walk the tokens in chunks of about
+CHUNK_ELEMS / vocab rows, so at most one chunk of fp32 full-vocabulary intermediates (log-softmaxes, exp,
+differences) is alive instead of about six [batch, seq, vocab] fp32 tensors. The gradient w.r.t. the student
+logits is computed in the same pass (softmax - onehot for CE, p_s - p_t for KL: no second softmax in backward)
+and stored in the logits' dtype; backward only scales it (_ChunkedCEKL). Values and gradients equal the
+unchunked reference (`reference_loss`, kept for tests) within float rounding (tests/test_distill.py).
+The teacher's logits are not kept for backward, so the caller's reference is the only one.
+
 The mixture form (ensemble distillation, ensemble_distill.py) replaces p_teacher_T by the probability mixture
-p_mix = sum_i w_i softmax(z_i / T) of K members, accumulated member by member in log space, so memory holds
-two [batch, seq, vocab] tensors whatever K is.
+p_mix = sum_i w_i softmax(z_i / T) of K members, accumulated member by member and chunk by chunk in log space:
+one fp32 [batch, seq, vocab] buffer (log p_mix) plus one chunk of temporaries, whatever K is.
+
+liger-kernel (fused linear CE/JSD on CUDA) is not used: its fused forms take the hidden states and the
+lm_head weight, which under ZeRO-3 is a partitioned parameter gathered inside the model's forward; using it
+means changing the model call, which cannot be checked without a GPU here. The chunked path runs everywhere.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-
-def cross_entropy(logits_BSV, labels_BS):
-    return F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten(), ignore_index=-100)
+CHUNK_ELEMS = 1 << 24          # fp32 elements per chunk temporary (64 MB): 333 tokens at vocab 50304
 
 
-def token_kl(student_BSV, teacher_BSV, temperature: float):
-    """Per-token KL(p_teacher_T || p_student_T), shape [batch, seq]."""
-    return token_kl_logp(student_BSV, F.log_softmax(teacher_BSV.detach().float() / temperature, dim=-1), temperature)
+def chunk_rows(vocab: int, chunk_elems: int | None = None) -> int:
+    return max(1, int(chunk_elems or CHUNK_ELEMS) // max(1, vocab))
 
 
-def token_kl_logp(student_BSV, teacher_logp_BSV, temperature: float):
-    """Per-token KL(p_t || p_student_T) for a teacher given as log-probabilities (already at temperature T)."""
-    log_ps = F.log_softmax(student_BSV.float() / temperature, dim=-1)
-    log_pt = teacher_logp_BSV.detach()
-    return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+class _ChunkedCEKL(torch.autograd.Function):
+    """loss = (1 - alpha) * CE + alpha * T^2 * KL over [N, V] rows, chunk by chunk; grad computed in forward."""
+
+    @staticmethod
+    def forward(ctx, z_NV, teacher_NV, labels_N, alpha, T, teacher_is_logp, rows, want_grad):
+        need_grad = ctx.needs_input_grad[0] and want_grad     # False under torch.no_grad (eval): no gradient work
+        mask = labels_N != -100
+        n = mask.sum().to(torch.float32)             # CE: mean over labelled tokens (nan if none, as F.cross_entropy)
+        nk = n.clamp_min(1.0)                        # KL: same mean, clamped (as before)
+        safe = labels_N.masked_fill(~mask, 0)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=z_NV.device)
+        kl_sum = torch.zeros((), dtype=torch.float32, device=z_NV.device)
+        grad = torch.empty_like(z_NV) if need_grad else None
+        use_kl = teacher_NV is not None and alpha != 0.0
+        alpha = alpha if use_kl else 0.0             # no teacher: plain CE at weight 1
+        for s in range(0, z_NV.shape[0], rows):
+            e = min(s + rows, z_NV.shape[0])
+            zc, mc, yc = z_NV[s:e].float(), mask[s:e], safe[s:e, None]
+            mf = mc.to(torch.float32)[:, None]
+            ce_sum += ((torch.logsumexp(zc, -1) - zc.gather(1, yc).squeeze(1)) * mf[:, 0]).sum()
+            if need_grad:
+                g = torch.softmax(zc, -1)
+                g.scatter_add_(1, yc, torch.full_like(yc, -1, dtype=g.dtype))
+                g.mul_(mf * ((1.0 - alpha) / n))
+            if use_kl:
+                tc = teacher_NV[s:e].detach().float()
+                lt = tc if teacher_is_logp else F.log_softmax(tc / T, dim=-1)
+                ls = F.log_softmax(zc / T, dim=-1)
+                pt = lt.exp()
+                kl_sum += ((pt * (lt - ls)).sum(-1) * mf[:, 0]).sum()
+                if need_grad:
+                    g.add_((ls.exp_() - pt).mul_(mf * (alpha * T / nk)))
+                del tc, lt, ls, pt
+            if need_grad:
+                grad[s:e] = g.to(grad.dtype)
+                del g
+        ce = ce_sum / n
+        kl = kl_sum / nk
+        loss = (1.0 - alpha) * ce + alpha * T ** 2 * kl      # alpha 0 (no teacher): exactly ce
+        ctx.grad = grad          # not save_for_backward: backward scales it in place, so no second full copy
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss, _g_ce, _g_kl):
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("the chunked distillation loss was backpropagated twice (retain_graph); "
+                               "call backward once per forward")
+        if not bool(g_loss == 1):
+            grad.mul_(g_loss.to(grad.dtype))
+        return grad, None, None, None, None, None, None, None
 
 
-def mixture_logp(member_logits, weights, temperature: float):
+def _chunked(student_BSV, teacher_BSV, labels_BS, alpha, temperature, teacher_is_logp, chunk_elems):
+    V = student_BSV.shape[-1]
+    t = None if teacher_BSV is None else teacher_BSV.detach().reshape(-1, V)
+    loss, ce, kl = _ChunkedCEKL.apply(student_BSV.reshape(-1, V), t, labels_BS.reshape(-1),
+                                      float(alpha), float(temperature), teacher_is_logp, chunk_rows(V, chunk_elems),
+                                      torch.is_grad_enabled())
+    return loss, {"ce": ce.detach(), "kl": kl.detach() if t is not None and alpha != 0.0 else torch.zeros(())}
+
+
+def distill_loss(student_BSV, teacher_BSV, labels_BS, alpha: float, temperature: float, chunk_elems: int | None = None):
+    """Returns (loss, {"ce": float tensor, "kl": float tensor}); teacher_BSV None or alpha 0 means plain CE."""
+    if teacher_BSV is None or alpha == 0.0:
+        return _chunked(student_BSV, None, labels_BS, 0.0, temperature, False, chunk_elems)
+    return _chunked(student_BSV, teacher_BSV, labels_BS, alpha, temperature, False, chunk_elems)
+
+
+def mixture_logp(member_logits, weights, temperature: float, chunk_elems: int | None = None):
     """log sum_i w_i softmax(z_i / T) from an iterable of member logits [batch, seq, vocab] (a generator keeps
-    one member's logits alive at a time). Weights are renormalised to sum to 1; zero weights drop out."""
+    one member's logits alive at a time). Weights are renormalised to sum to 1; zero weights drop out.
+    Accumulates into one fp32 buffer, chunk by chunk (no full-size temporaries)."""
     w = torch.as_tensor(weights, dtype=torch.float64).flatten()
     if w.numel() < 1 or bool((w < 0).any()) or not float(w.sum()) > 0:
         raise ValueError(f"mixture weights must be non-negative with a positive sum, got {w.tolist()}")
@@ -43,34 +117,48 @@ def mixture_logp(member_logits, weights, temperature: float):
         lw = log_w[n - 1]
         if lw == float("-inf"):
             continue
-        lp = F.log_softmax(z.detach().float() / temperature, dim=-1)
-        if lw != 0.0:
-            lp = lp + lw
-        out = lp if out is None else torch.logaddexp(out, lp)
+        z = z.detach()
+        if out is None:
+            out = torch.empty(z.shape, dtype=torch.float32, device=z.device)
+            fresh = True
+        else:
+            fresh = False
+        flat_z, flat_o = z.reshape(-1, z.shape[-1]), out.view(-1, z.shape[-1])
+        rows = chunk_rows(z.shape[-1], chunk_elems)
+        for s in range(0, flat_z.shape[0], rows):
+            lp = F.log_softmax(flat_z[s:s + rows].float() / temperature, dim=-1)
+            if lw != 0.0:
+                lp.add_(lw)
+            if fresh:
+                flat_o[s:s + rows] = lp
+            else:
+                flat_o[s:s + rows] = torch.logaddexp(flat_o[s:s + rows], lp)
     if n != w.numel():
         raise ValueError(f"{w.numel()} mixture weights for {n} members")
     return out
 
 
-def mixture_distill_loss(student_BSV, member_logits, weights, labels_BS, alpha: float, temperature: float):
+def mixture_distill_loss(student_BSV, member_logits, weights, labels_BS, alpha: float, temperature: float,
+                         chunk_elems: int | None = None):
     """(1 - alpha) * CE + alpha * T^2 * KL(p_mix || p_student_T), p_mix = sum_i w_i softmax(z_i / T).
     With one member of weight 1 this is distill_loss exactly. Returns (loss, {"ce", "kl"})."""
     if alpha == 0.0:
-        return distill_loss(student_BSV, None, labels_BS, 0.0, temperature)
-    ce = cross_entropy(student_BSV, labels_BS)
-    kl_BS = token_kl_logp(student_BSV, mixture_logp(member_logits, weights, temperature), temperature)
-    return _combine(ce, kl_BS, labels_BS, alpha, temperature)
+        return distill_loss(student_BSV, None, labels_BS, 0.0, temperature, chunk_elems)
+    logp = mixture_logp(member_logits, weights, temperature, chunk_elems)
+    return _chunked(student_BSV, logp, labels_BS, alpha, temperature, True, chunk_elems)
 
 
-def distill_loss(student_BSV, teacher_BSV, labels_BS, alpha: float, temperature: float):
-    """Returns (loss, {"ce": float tensor, "kl": float tensor}); teacher_BSV None means plain CE."""
-    ce = cross_entropy(student_BSV, labels_BS)
+# ------------------------------------------------------------------ unchunked reference (tests, benchmarks)
+
+def reference_loss(student_BSV, teacher_BSV, labels_BS, alpha: float, temperature: float, teacher_is_logp=False):
+    """The pre-issue-13 loss: full-vocabulary fp32 tensors for the whole micro-batch (about six of them)."""
+    ce = F.cross_entropy(student_BSV.flatten(0, 1).float(), labels_BS.flatten(), ignore_index=-100)
     if teacher_BSV is None or alpha == 0.0:
         return ce, {"ce": ce.detach(), "kl": torch.zeros(())}
-    return _combine(ce, token_kl(student_BSV, teacher_BSV, temperature), labels_BS, alpha, temperature)
-
-
-def _combine(ce, kl_BS, labels_BS, alpha: float, temperature: float):
+    log_pt = (teacher_BSV.detach().float() if teacher_is_logp
+              else F.log_softmax(teacher_BSV.detach().float() / temperature, dim=-1))
+    log_ps = F.log_softmax(student_BSV.float() / temperature, dim=-1)
+    kl_BS = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
     mask = (labels_BS != -100).float()
     kl = (kl_BS * mask).sum() / mask.sum().clamp_min(1.0)
     loss = (1.0 - alpha) * ce + alpha * temperature ** 2 * kl

@@ -262,25 +262,43 @@ def param_count(model) -> int:
     return param_breakdown(model)["total"]
 
 
-def activation_bytes(model, micro_batch: int, seq_len: int, flash=True, checkpointing=False) -> int:
-    """Per-GPU activation memory of one micro batch (bf16), after Korthikanti et al. 2022 (no TP/SP).
+# Measured constants (issue 13): copied from benchmarks/results/memory_probe.json, which
+# `python benchmarks/memory_probe.py` rewrites; tests/test_plan.py fails when the two disagree.
+# Activations: bytes autograd saves per token per Qwen3 decoder layer (transformers, SDPA, bf16, no dropout),
+# fitted as c_h * h + c_I * I from two FFN widths at the real hidden size; with activation checkpointing only
+# ckpt_per_h * h bytes per token per layer stay saved. Loss: the chunked loss's temporaries (q0ds.distill,
+# CHUNK_ELEMS) on top of the logits and their gradient, measured as peak resident bytes.
+MEASURED = {
+    "source": "benchmarks/results/memory_probe.json",
+    "date_utc": "2026-11-29T03:34:08+00:00",
+    "versions": {"torch": "2.13.0+cpu", "transformers": "5.23.0", "deepspeed": "0.19.8", "python": "3.11.7"},
+    "c_h": 36.34765625,
+    "c_I": 8.0,
+    "ckpt_per_h": 2.0,
+    "loss_chunk_bytes": 334540800,
+}
 
-    Per layer: attention 11sbh (+5as^2b for scores/softmax/dropout, dropped with flash attention),
-    2 RMSNorms 4sbh, SwiGLU MLP 3sbh + 8sbI (input, gate/up/SiLU/product outputs, dropout mask; this
-    replaces the paper's 19sbh for a 4h GeLU MLP): s*b*(18h + 8I) [+ 5as^2b]. With activation
-    checkpointing: the layer inputs 2sbh per layer plus one layer's full activations (recompute).
+
+def activation_bytes(model, micro_batch: int, seq_len: int, flash=True, checkpointing=False) -> int:
+    """Per-GPU activation memory of one micro batch (bf16), from the measured per-layer constants (MEASURED).
+
+    Per token per layer: c_h h + c_I I bytes (SDPA keeps no s^2 term; without flash/memory-efficient attention
+    add the 5as^2b of Korthikanti et al. 2022). With activation checkpointing: ckpt_per_h * h bytes per token
+    per layer (the layer inputs) plus one layer's full activations for the recompute.
     """
     a = _arch(model)
     s, b, h = seq_len, micro_batch, a["hidden_size"]
-    layer = s * b * (18 * h + 8 * a["intermediate_size"])
+    m = MEASURED
+    layer = s * b * (m["c_h"] * h + m["c_I"] * a["intermediate_size"])
     if not flash:
         layer += 5 * a["num_attention_heads"] * s * s * b
     L = a["num_hidden_layers"]
-    return 2 * s * b * h * L + layer if checkpointing else L * layer
+    full = m["ckpt_per_h"] * h * s * b * L + layer if checkpointing else L * layer
+    return int(math.ceil(full))
 
 
 def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="adamw", teacher=True,
-                gpu_mem_gb=80, checkpointing=False, flash=True, prefetch=2, reserve_gb=4.0,
+                gpu_mem_gb=80, checkpointing=False, flash=True, max_live_parameters=1e9, reserve_gb=4.0,
                 deepspeed_check=True) -> dict:
     """Per-GPU memory ESTIMATE for one base (one node, ZeRO-3 over `gpus`), in bytes."""
     if optimizer not in ("adamw", "muon"):
@@ -288,22 +306,24 @@ def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="ad
     a, pb = _arch(model), param_breakdown(model)
     N, V, g = pb["total"], a["vocab_size"], gpus
     opt = 8 * N if optimizer == "adamw" else 4 * pb["matrices"] + 8 * (N - pb["matrices"])
-    logit_copies = 2 if teacher else 1
+    logit_copies = 3 if teacher else 2       # student logits + their gradient (+ the teacher's logits)
+    gathered_key = f"gathered params (<= stage3_max_live_parameters {max_live_parameters:g} x 2 B)"
     parts = {
         "student bf16 params": 2 * N / g,
         "student fp32 master": 4 * N / g,
         f"optimizer states ({optimizer})": opt / g,
         "student bf16 grads": 2 * N / g,
         "teacher bf16 params": 2 * N / g if teacher else 0,
-        f"gathered layers (largest x 2 B x {prefetch})": pb["largest_layer"] * 2 * prefetch,
+        gathered_key: min(max_live_parameters, N) * 2,
         "activations": activation_bytes(a, micro_batch, seq_len, flash, checkpointing),
-        f"fp32 logits x {logit_copies}": seq_len * micro_batch * V * 4 * logit_copies,
+        f"bf16 logits x {logit_copies} (incl. their grad)": seq_len * micro_batch * V * 2 * logit_copies,
+        "loss temporaries (chunked, measured)": MEASURED["loss_chunk_bytes"],
         "reserve (CUDA ctx, NCCL, fragmentation)": reserve_gb * GB,
     }
     parts = {k: int(math.ceil(v)) for k, v in parts.items()}
     model_states = sum(list(parts.values())[:4])
     total = sum(parts.values())
-    per_sample = (activation_bytes(a, 1, seq_len, flash, checkpointing) + seq_len * V * 4 * logit_copies)
+    per_sample = (activation_bytes(a, 1, seq_len, flash, checkpointing) + seq_len * V * 2 * logit_copies)
     fixed = total - micro_batch * per_sample
     out = {"estimate": True, "model": model if isinstance(model, str) else "custom", "params": N,
            "largest_layer_params": pb["largest_layer"], "gpus": gpus, "micro_batch": micro_batch,
@@ -315,15 +335,17 @@ def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="ad
                "ZeRO-3 over the GPUs of one node (one base per node); bf16 params/grads, fp32 master",
                "AdamW m,v 8 B/param; Muon: 4 B momentum on 2-D block matrices, AdamW 8 B on the rest",
                "teacher: bf16 params partitioned like the student, no optimizer state, no grads",
-               "activations: Korthikanti et al. 2022 adapted to SwiGLU (see activation_bytes); "
-               + ("flash attention (no s^2 term)" if flash else "no flash attention (5as^2b term)"),
-               "logits: fp32 [s, b, V] for the student (+ the teacher's when distilling); loss "
-               "temporaries (log-softmax, logits grad) can add 1-2 more copies unless the loss is chunked",
+               f"activations: measured {MEASURED['c_h']:g} h + {MEASURED['c_I']:g} I bytes/token/layer "
+               f"(transformers Qwen3, SDPA, bf16; {MEASURED['source']}, {MEASURED['date_utc']}); "
+               + ("flash/SDPA attention (no s^2 term)" if flash else "no flash attention (5as^2b term)"),
+               "logits: bf16 [s, b, V] for the student and its gradient (+ the teacher's when distilling); the "
+               "chunked loss (q0ds.distill) adds one chunk of fp32 temporaries (measured)",
+               "ZeRO-3 gathered params: bounded by stage3_max_live_parameters (ds_configs/zero3_bf16.hjson: 1e9)",
                f"GB = 1e9 bytes; {reserve_gb:g} GB reserved for CUDA context, NCCL buffers, fragmentation"]}
     if deepspeed_check:
         out["deepspeed"] = _deepspeed_estimate(N, pb["largest_layer"], gpus)
         if "gpu_bytes" in out["deepspeed"]:
-            ours = model_states + parts[f"gathered layers (largest x 2 B x {prefetch})"]
+            ours = model_states + pb["largest_layer"] * 2 * 2        # DeepSpeed counts 4 B x the largest layer
             out["deepspeed"].update(ours_comparable_bytes=ours, ratio=ours / out["deepspeed"]["gpu_bytes"])
     return out
 
@@ -375,10 +397,10 @@ def format_memory_plan(d: dict, t: dict | None = None) -> str:
     lines = [f"Memory plan (ESTIMATE): {d['model']} ({d['params'] / 1e9:.3f}B params), ZeRO-3 over "
              f"{d['gpus']} GPUs, micro batch {d['micro_batch']} x seq {d['seq_len']}, {d['optimizer']}, "
              f"teacher {'on' if d['teacher'] else 'off'}, checkpointing {'on' if d['checkpointing'] else 'off'}",
-             f"  {'component':<44}{'GB/GPU':>9}"]
-    lines += [f"  {k:<44}{v / GB:>9.2f}" for k, v in d["bytes"].items()]
+             f"  {'component':<58}{'GB/GPU':>9}"]
+    lines += [f"  {k:<58}{v / GB:>9.2f}" for k, v in d["bytes"].items()]
     verdict = "fits" if d["fits"] else "DOES NOT FIT"
-    lines += [f"  {'total':<44}{d['total_bytes'] / GB:>9.2f}  of {d['gpu_mem_bytes'] / GB:g} GB: {verdict}",
+    lines += [f"  {'total':<58}{d['total_bytes'] / GB:>9.2f}  of {d['gpu_mem_bytes'] / GB:g} GB: {verdict}",
               f"  largest micro batch that fits: {d['max_micro_batch']}"]
     ds = d.get("deepspeed")
     if ds and "gpu_bytes" in ds:

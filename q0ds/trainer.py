@@ -175,7 +175,13 @@ class BaseTrainer:
         if self.source_world not in (None, self.world):      # resume on another world size: universal checkpoint
             ds = E.universal_ds_config(ds)
         # built partitioned (zero.Init) in the engine's dtype; the teacher without a random init (overwritten)
-        self.student, self.sched = E.make_student(E.build_partitioned(self.model_config, self.seed, ds, cfg.model.dropout), ds, cfg.optim,
+        student = E.build_partitioned(self.model_config, self.seed, ds, cfg.model.dropout)
+        if t.activation_checkpointing:
+            # transformers 5.x modeling_utils.PreTrainedModel.activation_checkpointing_enable (the new name of
+            # gradient_checkpointing_enable): non-reentrant torch.utils.checkpoint around each decoder layer's
+            # __call__, so ZeRO-3's module hooks re-gather the layer's params in the recompute
+            student.activation_checkpointing_enable({"use_reentrant": False})
+        self.student, self.sched = E.make_student(student, ds, cfg.optim,
                                                   lambda s: multipliers(min(s, self.plan.total_steps - 1), self.plan, cfg.schedule),
                                                   grad_clip=cfg.train.grad_clip)
         d = cfg.distill
@@ -429,6 +435,8 @@ class BaseTrainer:
                "lr": lr, "wd": wd, **{f"lr_{g}": v[0] for g, v in groups.items()},
                **{f"wd_{g}": v[1] for g, v in groups.items()}, "batch": cyc.batch,
                **parts, "tokens_per_s": round(tok_s, 1)}
+        if torch.cuda.is_available():                       # benchmarks/gpu_check.py reads it (rank 0's device)
+            rec["peak_gpu_mem_bytes"] = torch.cuda.max_memory_allocated()
         if self.rank == 0:
             if self.step % self.cfg.train.log_every == 0 or self.step == cyc.end_step:
                 norm = getattr(self.student, "q0ds_raw_grad_norm", None)

@@ -1,10 +1,12 @@
 """Tests for q0ds.plan: budget rules, allocations, plots, parameter counts, memory and time estimates."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from q0ds.plan import (ARCH, Allocation, _lr_mult, activation_bytes, alternatives, bases_for,
+from q0ds.plan import (ARCH, MEASURED, Allocation, _lr_mult, activation_bytes, alternatives, bases_for,
                        format_memory_plan, lr_curve, memory_plan, param_breakdown, param_count,
                        plan_budget, plot_allocation, time_plan)
 
@@ -118,9 +120,9 @@ def test_memory_plan_1_8b_model_states_and_deepspeed_crosscheck():
     b = d["bytes"]
     assert d["student_model_states_bytes"] == pytest.approx((2 + 4 + 8 + 2) * N / g, abs=4)
     assert b["teacher bf16 params"] == math.ceil(2 * N / g)
-    assert b["gathered layers (largest x 2 B x 2)"] == 50304 * 2048 * 2 * 2
-    assert b["activations"] == 30 * 2048 * 8 * (18 * 2048 + 8 * 5632)
-    assert b["fp32 logits x 2"] == 2048 * 8 * 50304 * 4 * 2
+    assert b["gathered params (<= stage3_max_live_parameters 1e+09 x 2 B)"] == 2 * 10 ** 9
+    assert b["activations"] == math.ceil(30 * 2048 * 8 * (MEASURED["c_h"] * 2048 + MEASURED["c_I"] * 5632))
+    assert b["bf16 logits x 3 (incl. their grad)"] == 2048 * 8 * 50304 * 2 * 3
     assert d["total_bytes"] == sum(b.values())
     # DeepSpeed's estimator: 4 x largest layer + 18 B/param / gpus; ours counts 16 B/param (bf16 params,
     # fp32 master, Adam m+v, bf16 grads), so ours/DeepSpeed must sit in [0.85, 1.0].
@@ -140,10 +142,12 @@ def test_memory_plan_fit_and_options():
     assert memory_plan("1.8b", micro_batch=mb, deepspeed_check=False)["fits"]
     assert not memory_plan("1.8b", micro_batch=mb + 1, deepspeed_check=False)["fits"]
     ck = activation_bytes("1.8b", 8, 2048, checkpointing=True)
-    assert ck == 2 * 2048 * 8 * 2048 * 30 + 2048 * 8 * (18 * 2048 + 8 * 5632)
-    assert activation_bytes("1.8b", 1, 2048, flash=False) - activation_bytes("1.8b", 1, 2048) == 30 * 5 * 16 * 2048 ** 2
+    assert ck == math.ceil(MEASURED["ckpt_per_h"] * 2048 * 2048 * 8 * 30
+                           + 2048 * 8 * (MEASURED["c_h"] * 2048 + MEASURED["c_I"] * 5632))
+    assert abs(activation_bytes("1.8b", 1, 2048, flash=False) - activation_bytes("1.8b", 1, 2048)
+               - 30 * 5 * 16 * 2048 ** 2) <= 1
     no_teacher = memory_plan("1.8b", teacher=False, deepspeed_check=False)
-    assert no_teacher["bytes"]["teacher bf16 params"] == 0 and "fp32 logits x 1" in no_teacher["bytes"]
+    assert no_teacher["bytes"]["teacher bf16 params"] == 0 and "bf16 logits x 2 (incl. their grad)" in no_teacher["bytes"]
     with pytest.raises(ValueError, match="optimizer"):
         memory_plan(optimizer="sgd")
     with pytest.raises(ValueError, match="unknown model preset"):
@@ -166,3 +170,40 @@ def test_time_plan():
     assert m["implied_mfu"] == pytest.approx(0.4)
     with pytest.raises(ValueError, match="gpu"):
         time_plan(gpu="tpu")
+
+
+# ---------------------------------------------------------------- issue 13: the plan against the measurement
+PROBE = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "memory_probe.json"
+
+
+def test_plan_constants_are_the_stored_measurement():
+    """MEASURED must be what benchmarks/memory_probe.py last wrote (rerun it and copy, or this fails)."""
+    r = json.loads(PROBE.read_text())
+    assert MEASURED["c_h"] == pytest.approx(r["fit"]["c_h"]) and MEASURED["c_I"] == pytest.approx(r["fit"]["c_I"])
+    assert MEASURED["date_utc"] == r["date_utc"] and MEASURED["versions"] == r["versions"]
+    h = r["arch"]["hidden_size"]
+    assert MEASURED["ckpt_per_h"] == pytest.approx(r["activation_bytes_per_token_per_layer_checkpointing"] / h)
+    chunk = r["loss"]["peaks"]["chunked-distilled"]
+    assert MEASURED["loss_chunk_bytes"] == chunk["peak_over_inputs_bytes"] - chunk["grad_bytes"]
+    # the plan's per-layer activations reproduce every measured point at the real widths (2 seqs, half FFN)
+    arch = dict(ARCH["1.8b"], num_hidden_layers=1)
+    for seq, v in r["activation_bytes_per_token_per_layer"].items():
+        assert activation_bytes(arch, 1, int(seq)) == pytest.approx(v * int(seq), rel=0.02)
+    half = dict(arch, intermediate_size=arch["intermediate_size"] // 2)
+    assert activation_bytes(half, 1, 128) == pytest.approx(r["activation_bytes_per_token_per_layer_half_ffn"] * 128, rel=0.02)
+
+
+def test_plan_activations_match_a_fresh_measurement_at_other_widths():
+    """The fitted c_h h + c_I I carries to widths it was not fitted on (tiny Qwen3 layers, measured now)."""
+    import sys
+    sys.path.insert(0, str(PROBE.parent.parent))
+    from memory_probe import saved_bytes_per_layer
+    for arch in (dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, head_dim=64,
+                      intermediate_size=704, vocab_size=512),
+                 dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+                      intermediate_size=512, vocab_size=512)):
+        got = saved_bytes_per_layer(arch, 64, layers=1)
+        planned = activation_bytes(dict(arch, num_hidden_layers=1), 1, 64)
+        assert planned == pytest.approx(got * 64, rel=0.05), (arch, got, planned / 64)
+        ck = saved_bytes_per_layer(arch, 64, layers=2, checkpointing=True)
+        assert ck == pytest.approx(MEASURED["ckpt_per_h"] * arch["hidden_size"], rel=0.05)
