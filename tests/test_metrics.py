@@ -55,3 +55,22 @@ def test_best_of_and_strongest():
     assert best_of({}) == (None, None)
     s = strongest_baseline({"8": 4.0, "16": 3.5, "32": 3.4}, {"8": 4.2, "16": 3.3})
     assert s == {"8": {"loss": 4.0, "which": "single"}, "16": {"loss": 3.3, "which": "ensemble"}}
+
+
+def test_report_headline_picks_k_on_fitness_and_the_strongest_baseline():
+    """The headline K comes from the fitness set even when validation prefers another K; q0 is compared with
+    the stronger baseline, and epochs-to-match is interpolated on the per-cycle curve."""
+    from q0ds.report import headline
+    ev = {"topk": [{"k": 1, "weighted": 3.0, "fitness_weighted": 3.4},
+                   {"k": 2, "weighted": 2.9, "fitness_weighted": 3.1},     # best on fitness
+                   {"k": 4, "weighted": 2.8, "fitness_weighted": 3.2}],    # best on validation: not chosen
+          "k_on_fitness": 2, "best_single": {"val_loss": 3.0}, "epochs_spent": 4.0,
+          "curve": [{"epochs": 1.0, "val_loss": 3.5}, {"epochs": 4.0, "val_loss": 2.5}],
+          "baselines": {"single": {"best_val_loss": 3.0, "saturation_epoch": 3.0, "epochs": 4.0},
+                        "ensemble": {"final_val_loss": 3.2, "epochs": 4.0}}}
+    h = headline(ev)
+    assert h["q0_topk"] == {"k": 2, "val_loss": 2.9, "chosen_on": "fitness set"}
+    assert h["strongest_baseline"] == {"name": "single", "val_loss": 3.0} and h["q0_beats_strongest"]
+    # 3.0 is halfway from 3.5 (1 epoch) to 2.5 (4 epochs) in loss: exp(0.5 log 4) = 2 epochs -> 4 / 2 = 2x
+    assert h["epochs_to_match_strongest"]["q0_epochs"] == pytest.approx(2.0)
+    assert h["epochs_to_match_single"]["ratio"] == pytest.approx(2.0)
