@@ -114,6 +114,7 @@ def parse_args(argv=None):
     p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--ablation-budget", type=float, default=None, help="default 32")
     p.add_argument("--ablation-arms", default="all", help=f"comma-separated subset of {','.join(de_arms.ABLATIONS)}")
+    p.add_argument("--distill-seeds", type=int, default=None, help="ensemble-distillation seeds (default 2)")
     p.add_argument("--planner-budget", type=float, default=None, help="planner vs uniform here (default 16; 0 = off)")
     p.add_argument("--early-budget-max", type=float, default=32.0, help="budgets above this run last")
     p.add_argument("--preset", default=None, help="model/run preset (default small)")
@@ -141,6 +142,7 @@ def parse_args(argv=None):
     a.tune_wds = a.tune_wds or ([0.1, 1.0] if q else [0.1, 1.0, 3.0])
     a.ablation_budget = a.ablation_budget or (1.0 if q else 32.0)
     a.planner_budget = (0.0 if q else 16.0) if a.planner_budget is None else a.planner_budget
+    a.distill_seeds = (0 if q else 2) if a.distill_seeds is None else a.distill_seeds
     a.preset = a.preset or ("tiny" if q else "small")
     a.train_tokens = a.train_tokens or (12000 if q else 55000)
     if q:
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
     if args.plan_only:
         total = 0.0
         for r in sorted(runs, key=lambda r: (r.tier, r.name)):
-            c = de_jobs.job_cost(r.cfg) * r.cfg.bases
+            c = de_jobs.run_cost(r) * r.cfg.bases
             total += c
             print(f"  {r.name:<28} tier {r.tier} {r.cfg.bases} base(s) x {de_jobs.plan_of(r.cfg).total_steps} steps "
                   f"est. {c:.0f} units", flush=True)

@@ -30,10 +30,11 @@ class Run:
     cfg: object = None         # RunConfig
     base_tiers: list = field(default_factory=list)   # tier of each base (a pool's later members wait longer)
     info: dict = field(default_factory=dict)
+    depends: list = field(default_factory=list)        # runs that must be complete first (distill jobs)
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.cfg.run_dir)
+        return Path(self.info["out"]) if self.kind == "distill" else Path(self.cfg.run_dir)
 
     @property
     def tier(self) -> int:
@@ -158,6 +159,16 @@ def build_runs(args, data, recipe: dict | None) -> list[Run]:
                 run.cfg = q0_cfg(args, data, work / run.name, lens, 100 * s)
                 run.base_tiers = [5]
                 runs.append(run)
+        # ensemble distillation of the reference's top-4 mixture into one model (q0ds distill-ensemble,
+        # defaults: 2 epochs from the top member), and the same training without a teacher (alpha 0)
+        for s in range(min(args.seeds, args.distill_seeds)):
+            src = next(r for r in runs if r.name == f"abl-ref-E{A:g}-s{s}")
+            for name, ov in (("distill-k4", []), ("distill-k4-noteacher", ["distill.alpha=0"])):
+                out = src.run_dir / "distilled" / ("k4" if not ov else "k4-noteacher")
+                run = Run(f"{name}-s{s}", "distill", s, cfg=src.cfg, base_tiers=[3], depends=[src],
+                          info={"source": str(src.run_dir), "out": str(out), "k": 4,
+                                "overrides": ov + ([f"run_dir={out}"] if ov else [])})
+                runs.append(run)
     return runs
 
 
@@ -166,6 +177,8 @@ def write_configs(runs) -> None:
     from q0ds.config import save_config
     from q0ds.trainer import _diff
     for run in runs:
+        if run.kind == "distill":
+            continue                           # q0ds distill-ensemble writes and checks its own config
         path = run.run_dir / "config.json"
         if path.is_file():
             diff = _diff(json.loads(path.read_text()), run.cfg.to_dict())

@@ -36,8 +36,15 @@ def job_cost(cfg) -> float:
     return cost
 
 
+def run_cost(run) -> float:
+    """Estimated cost of one base of a Run (a distillation job: ~2 epochs with a K=4 teacher, ~3x a plain step)."""
+    return 2 * 3.0 + COST_LAUNCH if run.kind == "distill" else job_cost(run.cfg)
+
+
 def base_done(run, b: int) -> bool:
     from q0ds.trainer import base_dir
+    if run.kind == "distill":
+        return (run.run_dir / "distill_report.json").is_file()
     return (base_dir(run.cfg, b) / "done.json").is_file()
 
 
@@ -49,7 +56,9 @@ def pending_jobs(runs, running_keys=()) -> list:
     """(tier, -cost, name, base, run) of every unfinished base not running now, in launch order."""
     jobs = []
     for run in runs:
-        cost = job_cost(run.cfg)
+        if run.depends and not all(complete(d) for d in run.depends):
+            continue
+        cost = run_cost(run)
         for b in range(run.cfg.bases):
             if (run.name, b) not in running_keys and not base_done(run, b):
                 jobs.append((run.base_tiers[b], -cost, run.name, b, run))
@@ -105,7 +114,8 @@ def train_all(get_runs, parallel: int, threads: int, t_start: float, max_tier: i
                 jobs = [j for j in pending_jobs(runs, keys) if j[0] <= max_tier]
                 while jobs and len(running) < parallel:
                     tier, negcost, _, b, run = jobs.pop(0)
-                    proc = launch_base(run.run_dir / "config.json", b, base_dir(run.cfg, b), 1, threads)
+                    proc = (launch_distill(run, threads) if run.kind == "distill" else
+                            launch_base(run.run_dir / "config.json", b, base_dir(run.cfg, b), 1, threads))
                     running[proc.pid] = (proc, run, b, time.time(), -negcost)
                     print(f"[{hms(time.time() - t_start)}] start {run.name} base {b} (tier {tier}, est. "
                           f"{-negcost:.1f} units; {len(jobs)} queued)", flush=True)
@@ -136,6 +146,24 @@ def train_all(get_runs, parallel: int, threads: int, t_start: float, max_tier: i
     if stop:
         raise SystemExit("[data_efficiency] stopped by signal; rerun the same command to resume.")
     return failed
+
+
+def launch_distill(run, threads: int):
+    """`q0ds distill-ensemble --run SRC --k K [overrides]` (one process, CPU) after fitting SRC's prior."""
+    import subprocess
+    import sys
+    from q0ds.population import fit_prior_run
+    src = Path(run.info["source"])
+    if not (src / "prior.json").is_file():
+        fit_prior_run(src)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run.run_dir.parent / f"{run.run_dir.name}.log", "a")
+    env = dict(os.environ, Q0DS_NO_PROGRESS="1", Q0DS_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "q0ds", "distill-ensemble", "--run", str(src), "--k", str(run.info["k"]),
+           *run.info["overrides"]]
+    log.write(f"\n$ {' '.join(cmd)}\n")
+    log.flush()
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def _descendants(pid: int, leaves: bool = False) -> list[int]:

@@ -57,6 +57,9 @@ def summary_text(res: dict) -> str:
     if p.get("planner_minus_uniform"):
         L.append(f"\nPlanner vs uniform cycles at {res['settings']['planner_budget']:g} epochs: planner {_fmt(p['planner'])}, "
                  f"uniform {_fmt(p['uniform'])}, difference {_fmt(p['planner_minus_uniform'], 4)}")
+    for name, d in (res.get("ensemble_distillation") or {}).items():
+        L.append(f"\n{name}: distilled {_fmt(d['distilled_val_loss'])} vs mixture {_fmt(d['mixture_val_loss'])} vs best "
+                 f"member {_fmt(d['best_member_val_loss'])}; gain retained {_fmt(d['fraction_retained'], 2)}")
     L.append("\nPrior's gain over the uniform mixture (nats) by fitness-set size (first n fitness tokens)")
     for b, r in res["table"].items():
         g = r["prior_gain_by_fitness_tokens"]
@@ -133,3 +136,43 @@ def plot(res: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "data_efficiency_ablations.png", dpi=120)
     plt.close(fig)
+
+
+def _md(d, nd=3):
+    if not d:
+        return "–"
+    s = f"{d['mean']:.{nd}f}"
+    if d["n"] > 1:
+        s += f" ± {d['std']:.{nd}f}"
+    return s + f" (n={d['n']})"
+
+
+def markdown(res: dict) -> str:
+    """The README tables, generated from the JSON (benchmarks/results/data_efficiency.md)."""
+    L = ["| epochs | single, best epoch (tuned) | ensemble, best M (tuned members) | strongest | q0, learned prior "
+         "| q0, K on fitness | q0, uniform prior |", "|---|---|---|---|---|---|---|"]
+    for b, r in res["table"].items():
+        if not any(r.get(k) for k in ("single_best_epoch", "ensemble", "q0")):
+            continue
+        M = f" M={r['ensemble_best_M']}" if r["ensemble_best_M"] else ""
+        L.append(f"| {b} | {_md(r['single_best_epoch'])} | {_md(r['ensemble'])}{M} | {r['strongest'] or '–'} | "
+                 f"{_md(r['q0'])} | {_md(r['q0_topk_on_fitness'])} | {_md(r['q0_uniform_prior'])} |")
+    L += ["", "| budget B | epochs-to-match vs strongest | vs single | vs ensemble |", "|---|---|---|---|"]
+    for b, e in res["epochs_to_match"].items():
+        if any(e[k]["per_seed"] for k in e):
+            L.append(f"| {b} | {_ratio(e['strongest'])} | {_ratio(e['single'])} | {_ratio(e['ensemble'])} |")
+    if any(r.get("n") for r in res.get("ablations", [])):
+        L += ["", f"| at {res['settings']['ablation_budget']:g} epochs | val loss | minus reference (paired) | verdict |",
+              "|---|---|---|---|"]
+        for r in res["ablations"]:
+            if r.get("n") or r["name"] == "ref":
+                L.append(f"| {r['label']} | {_md(r['val_loss'])} | {_md(r['delta'], 4)} | {r.get('verdict', '') or ''} |")
+    gains = [(b, r["prior_gain_by_fitness_tokens"]) for b, r in res["table"].items()
+             if any(r["prior_gain_by_fitness_tokens"].values())]
+    if gains:
+        sizes = list(gains[0][1])
+        L += ["", "| epochs | " + " | ".join(f"prior gain, {n} fitness tokens" for n in sizes) + " |",
+              "|---|" + "---|" * len(sizes)]
+        for b, g in gains:
+            L.append(f"| {b} | " + " | ".join(_md(g[n], 4) for n in sizes) + " |")
+    return "\n".join(L) + "\n"

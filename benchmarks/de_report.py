@@ -49,6 +49,15 @@ def collect(args, runs) -> dict:
         for E in args.budgets:
             out["cells"][f"q0/E{_b(E)}/s{s}"] = s in out["q0"] and de_eval.at_epochs(out["q0"][s]["curve"], E) is not None
     for r in runs:
+        if r.kind == "distill":
+            ok = de_jobs.complete(r)
+            out["cells"][r.name] = ok
+            if ok:
+                import json
+                d = json.loads((r.run_dir / "distill_report.json").read_text())
+                out.setdefault("distill", {}).setdefault(r.name.rsplit("-s", 1)[0], {})[r.seed] = {
+                    "val_loss": d["val_loss"], "fraction_retained": d["fraction_retained"],
+                    "student_epochs": d["cost"]["student_epochs"], "alpha": d["alpha"]}
         if r.kind in ("abl", "extra"):
             ok = de_jobs.complete(r)
             out["cells"][r.name] = ok
@@ -158,8 +167,20 @@ def planner_rows(cells) -> dict:
             "planner_minus_uniform": spread(d.values()), "per_seed": d}
 
 
+def distill_rows(cells) -> dict:
+    """Ensemble distillation (top-4 mixture -> one model) and its no-teacher control, over seeds."""
+    out = {}
+    for name, per in cells.get("distill", {}).items():
+        out[name] = {"distilled_val_loss": spread(v["val_loss"]["distilled"] for v in per.values()),
+                     "mixture_val_loss": spread(v["val_loss"]["mixture"] for v in per.values()),
+                     "best_member_val_loss": spread(v["val_loss"]["best_single"] for v in per.values()),
+                     "fraction_retained": spread(v["fraction_retained"] for v in per.values()),
+                     "student_epochs": spread(v["student_epochs"] for v in per.values()), "per_seed": per}
+    return out
+
+
 def report(args, data, runs, argv, failed, t_start) -> dict:
-    from benchmarks.de_plots import plot, summary_text
+    from benchmarks.de_plots import markdown, plot, summary_text
     cells = collect(args, runs)
     summ = summarize(args, cells)
     import json
@@ -180,6 +201,7 @@ def report(args, data, runs, argv, failed, t_start) -> dict:
         "table": summ["table"], "epochs_to_match": summ["epochs_to_match"],
         "ablations": ablation_rows(args, cells) if args.ablations else [],
         "planner_vs_uniform": planner_rows(cells),
+        "ensemble_distillation": distill_rows(cells),
         "single_curves": {b: {s: v["curve"] for s, v in d.items()} for b, d in cells["single"].items()},
         "q0_curves": {s: c["curve"] for s, c in cells["q0"].items()},
         "q0_runs_complete": {s: c["complete"] for s, c in cells["q0"].items()},
@@ -203,6 +225,7 @@ def report(args, data, runs, argv, failed, t_start) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "data_efficiency.json", res)
     plot(res, out)
+    (out / "data_efficiency.md").write_text(markdown(res))
     print("\n" + summary_text(res))
     print(f"[data_efficiency] {res['cells_complete']}/{res['cells_planned']} cells complete; wrote "
           f"{out / 'data_efficiency.json'}", flush=True)
