@@ -133,12 +133,14 @@ def summarize(args, cells) -> dict:
 def ablation_rows(args, cells) -> list[dict]:
     """Each ablation as a paired difference from the reference (same seed), with its spread over seeds."""
     ref = cells["abl"].get("ref", {})
-    rows = [{"name": "ref", "label": "q0 reference (uniform 1-epoch cycles, learned prior, all members)",
+    rows = [{"name": "ref", "label": f"q0 reference (uniform {args.cycle_epochs:g}-epoch cycles, learned prior, all members)",
              "val_loss": spread(v["val_loss"] for v in ref.values()), "delta": None, "n": len(ref)}]
     pairs = {"uniform prior (same runs)": {s: v["uniform_val_loss"] - v["val_loss"] for s, v in ref.items()},
              "last snapshot only (same runs)": {s: v["last_snapshot_val_loss"] - v["val_loss"] for s, v in ref.items()}}
     from benchmarks.de_arms import ABLATIONS
     for name, (label, _) in ABLATIONS.items():
+        if args.ablation_arms != "all" and name not in args.ablation_arms.split(","):
+            continue
         d = cells["abl"].get(name, {})
         pairs[label] = {s: v["val_loss"] - ref[s]["val_loss"] for s, v in d.items() if s in ref}
         rows.append({"name": name, "label": label, "val_loss": spread(v["val_loss"] for v in d.values()),
