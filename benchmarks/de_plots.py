@@ -150,13 +150,14 @@ def _md(d, nd=3):
 def markdown(res: dict) -> str:
     """The README tables, generated from the JSON (benchmarks/results/data_efficiency.md)."""
     L = ["| epochs | single, best epoch (tuned) | ensemble, best M (tuned members) | strongest | q0, learned prior "
-         "| q0, K on fitness | q0, uniform prior |", "|---|---|---|---|---|---|---|"]
+         "| q0, K on fitness | q0, K = M (matched size) | q0, uniform prior |", "|---|---|---|---|---|---|---|---|"]
     for b, r in res["table"].items():
         if not any(r.get(k) for k in ("single_best_epoch", "ensemble", "q0")):
             continue
         M = f" M={r['ensemble_best_M']}" if r["ensemble_best_M"] else ""
         L.append(f"| {b} | {_md(r['single_best_epoch'])} | {_md(r['ensemble'])}{M} | {r['strongest'] or '–'} | "
-                 f"{_md(r['q0'])} | {_md(r['q0_topk_on_fitness'])} | {_md(r['q0_uniform_prior'])} |")
+                 f"{_md(r['q0'])} | {_md(r['q0_topk_on_fitness'])} | {_md(r.get('q0_matched_k'))} | "
+                 f"{_md(r['q0_uniform_prior'])} |")
     L += ["", "| budget B | epochs-to-match vs strongest | vs single | vs ensemble |", "|---|---|---|---|"]
     for b, e in res["epochs_to_match"].items():
         if any(e[k]["per_seed"] for k in e):

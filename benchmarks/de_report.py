@@ -107,6 +107,9 @@ def summarize(args, cells) -> dict:
                "prior_gain_by_fitness_tokens": {
                    n: spread(r["prior_gain_by_fitness_tokens"].get(n) for r in q0.values() if r.get("prior_gain_by_fitness_tokens"))
                    for n in map(str, FITNESS_SIZES)}}
+        # the paper's "matched ensemble size": q0's prior-weighted top-K with K = the ensemble's M
+        row["q0_matched_k"] = spread(next((x["val_loss"] for x in r["topk_on_fitness"]["rows"] if x["k"] == bestM), None)
+                                     for r in q0.values() if r.get("topk_on_fitness")) if bestM else None
         sm, em = row["single_best_epoch"], row["ensemble"]
         row["strongest"] = None if not (sm and em) else ("ensemble" if em["mean"] < sm["mean"] else "single")
         table[b] = row
