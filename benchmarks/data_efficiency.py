@@ -134,7 +134,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     q = a.quick
     a.budgets = sorted(a.budgets or ([1.0, 2.0] if q else [8.0, 16.0, 32.0, 64.0]))
-    a.seeds = a.seeds or (1 if q else 3)
+    a.seeds = (1 if q else 3) if a.seeds is None else a.seeds
     a.ensemble_sizes = sorted(a.ensemble_sizes or ([2] if q else [2, 4, 8]))
     a.cycle_epochs = a.cycle_epochs or (0.5 if q else 1.0)
     a.tune_budget = a.tune_budget or (1.0 if q else 16.0)
@@ -147,9 +147,13 @@ def parse_args(argv=None):
     a.train_tokens = a.train_tokens or (12000 if q else 55000)
     if q:
         a.vocab = min(a.vocab, 512)
-    for name in ("warmup_frac",):
-        if not 0 < getattr(a, name) < 1:
-            p.error(f"--warmup-frac must be in (0, 1), got {a.warmup_frac}")
+    if not 0 < a.warmup_frac < 1:
+        p.error(f"--warmup-frac must be in (0, 1), got {a.warmup_frac}")
+    if min(a.budgets) <= 0 or a.seeds < 1 or min(a.ensemble_sizes) < 1 or a.cycle_epochs <= 0:
+        p.error("--budgets, --cycle-epochs must be > 0 and --seeds, --ensemble-sizes >= 1")
+    if any(abs(E / a.cycle_epochs - round(E / a.cycle_epochs)) > 1e-9 for E in a.budgets):
+        p.error(f"every budget must be a whole number of q0 cycles of {a.cycle_epochs:g} epochs (the budget-E "
+                f"result is the prefix after E / cycle-epochs cycles); change --budgets or --cycle-epochs")
     return a
 
 
