@@ -122,6 +122,7 @@ def plot(res: dict, out: Path) -> None:
         rows.append({"label": f"planner - uniform 1-ep cycles at {res['settings']['planner_budget']:g} ep",
                      "delta": p["planner_minus_uniform"]})
     if not rows:
+        (out / "data_efficiency_ablations.png").unlink(missing_ok=True)     # never leave a stale plot
         return
     fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(rows) + 1.4))
     vals = [r["delta"]["mean"] for r in rows]
