@@ -33,6 +33,11 @@ def summary_text(res: dict) -> str:
     if t:
         L.append(f"Tuned single-model recipe (on the fitness set, at {t['budget']:g} epochs): LR {t['recipe']['lr']:g}, "
                  f"WD {t['recipe']['wd']:g}, warmup {t['warmup_frac']:.0%} of the run + cosine")
+    elif res.get("tuning_grid_finished"):
+        L.append("Tuning grid (single model, seed 0), finished points so far (val NLL at the best val epoch):")
+        for g in res["tuning_grid_finished"]:
+            L.append(f"  LR {g['lr']:g} WD {g['wd']:g} at {g['budget']:g} epochs: best {g['best_val_loss']:.3f} at epoch "
+                     f"{g['best_epoch']:g}, final {g['final_val_loss']:.3f}")
     L.append("Validation NLL (nats/token), mean±std over seeds (n seeds); only finished cells")
     L.append(f"{'E':>4} | {'single (best ep.)':>22} | {'ensemble (best M)':>26} | {'q0 (learned prior)':>22} | "
              f"{'q0 K on fitness':>22} | strongest")

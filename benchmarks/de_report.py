@@ -192,6 +192,14 @@ def report(args, data, runs, argv, failed, t_start) -> dict:
     work, out = Path(args.work), Path(args.out)
     tuned = json.loads((work / "tuned.json").read_text()) if (work / "tuned.json").is_file() else None
     sessions = de_jobs.read_sessions(work)
+    grid = []                                 # every finished grid run (the recipe is chosen only when all are)
+    for r in runs:
+        if r.kind == "tune" and de_jobs.complete(r):
+            c = de_eval.single_curve(r.run_dir)
+            grid.append({**r.info["recipe"], "budget": r.info["budget"], "best_val_loss": c["best_val_loss"],
+                         "best_epoch": c["best_epoch"], "final_val_loss": c["final_val_loss"],
+                         "val_at_best_fitness_epoch": c["val_at_best_fitness_epoch"],
+                         "best_fitness_epoch": c["best_fitness_epoch"]})
     res = {
         "benchmark": "data_efficiency",
         "command": " ".join(["python", "benchmarks/data_efficiency.py"] + list(argv if argv is not None else sys.argv[1:])),
@@ -199,6 +207,7 @@ def report(args, data, runs, argv, failed, t_start) -> dict:
         "data": data_info(data, runs[0].cfg),
         "machine": machine_info(),
         "tuning": tuned,
+        "tuning_grid_finished": grid,
         "cells": cells["cells"],
         "cells_complete": sum(cells["cells"].values()), "cells_planned": len(cells["cells"]),
         "incomplete_runs": sorted(r.name for r in runs if not de_jobs.complete(r)),
