@@ -40,10 +40,18 @@ def demo(out="runs/demo", quick: bool = False) -> int:
     run_all(config, parallel=2, ranks=1, baselines=True, ensemble_members=2 if quick else 4)
     rep = json.loads((out / "report.json").read_text())["headline"]
     print(f"\n[q0ds demo] done in {time.time() - t0:.0f} s. Report: {out / 'report.md'}")
-    print(f"  q0 top-{rep['q0_best_topk']['k']} mixture val loss: {rep['q0_best_topk']['val_loss']:.4f}")
+    print(f"  q0 top-{rep['q0_topk']['k']} mixture val loss:  {rep['q0_topk']['val_loss']:.4f}  (K chosen on the fitness set)")
     print(f"  best single q0 member:        {rep['q0_best_single_member']:.4f}")
     if "single_model_best" in rep:
-        print(f"  single-model baseline (best): {rep['single_model_best']:.4f} (epoch {rep['single_saturation_epoch']:.1f})")
+        print(f"  single-model baseline (best): {rep['single_model_best']:.4f} (epoch {rep['single_saturation_epoch']:.1f}, "
+              f"chosen on validation)")
     if "ensemble_baseline" in rep:
         print(f"  independent ensemble:         {rep['ensemble_baseline']:.4f}")
+    if "strongest_baseline" in rep:
+        sb, e = rep["strongest_baseline"], rep["epochs_to_match_strongest"]
+        how = ("not reached within q0's budget" if e["ratio"] is None else
+               f"q0 reaches it at {e['q0_epochs']:.1f} epochs ({'>=' if e.get('lower_bound') else ''}{e['ratio']:.2f}x"
+               + (", q0 is slower)" if e["ratio"] < 1 else " fewer)"))
+        print(f"  strongest baseline: {sb['name']} ({sb['val_loss']:.4f}); {how}. One seed, untuned baselines: "
+              "see the README's Results for the tuned, multi-seed benchmark.")
     return 0

@@ -104,15 +104,19 @@ def eval_run(run, ks=None) -> dict:
     ks = sorted(set(ks or default_ks(M)))
     for k in ks:
         topk_weights(prior["weights"], k)                      # refuse k > M before any work
+    _, _, F = load_member_scores(run, "fitness", members=ids, check_weights=False)
     singles = [-(V[i].clamp_min(1e-30).log().double().mean().item()) for i in range(M)]
     rows = []
     for k in ks:
         idx, w = topk_weights(prior["weights"], k)
         by_val = sorted(range(M), key=lambda i: singles[i])[:k]
         rows.append({"k": k, "weighted": mixture_nll(V[idx], w), "uniform_topk": mixture_nll(V[idx], [1.0 / k] * k),
+                     "fitness_weighted": mixture_nll(F[idx], w),
                      "members": [ids[i] for i in idx], "uniform_best_val_k": mixture_nll(V[by_val], [1.0 / k] * k)})
     best = min(range(M), key=lambda i: singles[i])
-    out = {"members": M, "val_tokens": int(V.shape[1]), "topk": rows,
+    # the headline K is chosen on the FITNESS set (the prior's own data); validation is only reported
+    k_fit = min(rows, key=lambda r: (r["fitness_weighted"], r["k"]))["k"]
+    out = {"members": M, "val_tokens": int(V.shape[1]), "topk": rows, "k_on_fitness": k_fit,
            "uniform_all": mixture_nll(V, [1.0 / M] * M),
            "best_single": {"member": ids[best], "val_loss": singles[best]},
            "last_snapshot_per_base": _last_per_base(ids, singles),
@@ -142,15 +146,16 @@ def epochs_spent(run) -> float:
     return total
 
 
-def population_curve(run, steps: int = 100) -> list[dict]:
+def population_curve(run, steps: int = 300, lr: float = 0.5) -> list[dict]:
     """q0's val loss as the budget grows: after cycle c of every base, fit the prior on the snapshots so far
-    (fitness set) and evaluate the full weighted mixture on val. One point per cycle index."""
+    (fitness set; the same fit settings as fit_prior_run, the final one) and evaluate the full weighted mixture
+    on val. One point per cycle index."""
     ids, metas, F = load_member_scores(run, "fitness", check_weights=False)
     _, _, V = load_member_scores(run, "val", members=ids, check_weights=False)
     out = []
     for c in sorted({m["cycle"] for m in metas}):
         sel = [i for i, m in enumerate(metas) if m["cycle"] <= c]
-        fit = fit_prior(F[sel], steps=steps, lr=0.5)
+        fit = fit_prior(F[sel], steps=steps, lr=lr, clip=1.0)
         epochs = sum(max(m["epoch"] for m in metas if m["base"] == b and m["cycle"] <= c)
                      for b in {metas[i]["base"] for i in sel})
         out.append({"cycle": c, "epochs": epochs, "members": len(sel), "val_loss": mixture_nll(V[sel], fit.weights)})
@@ -183,11 +188,11 @@ def eval_baselines(run) -> dict:
 
 
 def epochs_to_match(q0_curve, baseline_loss: float, baseline_epochs: float):
-    """Smallest q0 budget whose mixture loss <= the baseline's; ratio = baseline budget / that budget."""
-    for r in q0_curve:
-        if r["val_loss"] <= baseline_loss:
-            return {"q0_epochs": r["epochs"], "ratio": baseline_epochs / r["epochs"]}
-    return {"q0_epochs": None, "ratio": None}
+    """q0 budget at which its per-cycle curve reaches the baseline's loss, interpolated in log-epochs
+    (q0ds.metrics.epochs_to_match); ratio = baseline budget / that budget (None if never reached)."""
+    from .metrics import match_ratio
+    m = match_ratio(baseline_epochs, [(r["epochs"], r["val_loss"]) for r in q0_curve], baseline_loss)
+    return {"q0_epochs": m["epochs"], "ratio": m["ratio"], "lower_bound": m["lower_bound"]}
 
 
 def _print_eval(run, out):

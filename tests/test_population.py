@@ -41,6 +41,10 @@ def test_run_produces_population_prior_eval_and_report(run):
     for p in rep["plots"]:
         assert (run_dir / p).stat().st_size > 5000
     assert "## Headline" in (run_dir / "report.md").read_text()
+    # the headline K is chosen on the fitness set, never on validation
+    assert ev["k_on_fitness"] == min(ev["topk"], key=lambda r: (r["fitness_weighted"], r["k"]))["k"]
+    assert rep["headline"]["q0_topk"]["k"] == ev["k_on_fitness"]
+    assert rep["headline"]["strongest_baseline"]["name"] in ("single", "ensemble")
 
 
 def _windows(cfg):

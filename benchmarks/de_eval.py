@@ -1,0 +1,119 @@
+"""Numbers of one finished run of benchmarks/data_efficiency.py, from the scores stored with every snapshot
+(val.safetensors / fitness.safetensors: per-token probabilities). Nothing here is chosen on validation except
+where a baseline is given an oracle choice in its favour, which is labelled ("best epoch", "best M").
+
+q0 runs are evaluated on their finished prefix (a run still training already gives the smaller budgets), and
+cached in <run>/bench_result.json keyed by the number of finished snapshots.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.common import write_json
+
+PRIOR_STEPS, PRIOR_LR, PRIOR_CLIP = 300, 0.5, 1.0        # the same fit as population.fit_prior_run
+
+
+def _scores(run_dir, bases=None):
+    """(metas, F [M, Nf] or None, V [M, Nv]) of the scored snapshots of a run (optionally some bases)."""
+    import torch
+    from q0ds.snapshot import list_snapshots, load_scores, read_meta
+    snaps = [s for s in list_snapshots(run_dir) if bases is None or read_meta(s)["base"] in bases]
+    metas = [read_meta(s) for s in snaps]
+    V = torch.stack([load_scores(s, "val") for s in snaps]) if snaps else None
+    F = torch.stack([load_scores(s, "fitness") for s in snaps]) if snaps else None
+    return metas, F, V
+
+
+def _nll(p) -> float:
+    return -p.clamp_min(1e-30).log().double().mean().item()
+
+
+def single_curve(run_dir) -> dict:
+    """A cosine run scored every epoch: curve, best val (oracle, in its favour), best-on-fitness."""
+    metas, F, V = _scores(run_dir)
+    ce = json.loads((Path(run_dir) / "config.json").read_text())["schedule"]["cycle_epochs"]   # nominal epochs
+    curve = [{"epochs": ce * (m["cycle"] + 1), "epochs_actual": m["epoch"], "val_loss": _nll(V[i]),
+              "fitness_loss": _nll(F[i])} for i, m in enumerate(metas)]
+    best = min(curve, key=lambda r: r["val_loss"])
+    fit_best = min(curve, key=lambda r: r["fitness_loss"])
+    return {"curve": curve, "best_val_loss": best["val_loss"], "best_epoch": best["epochs"],
+            "final_val_loss": curve[-1]["val_loss"], "epochs": curve[-1]["epochs"],
+            "val_at_best_fitness_epoch": fit_best["val_loss"], "best_fitness_epoch": fit_best["epochs"]}
+
+
+def ensemble_of_first(run_dir, M: int) -> dict:
+    """Probability average of the last snapshots of bases 0..M-1 of a pool run."""
+    from q0ds.prior import mixture_nll
+    metas, F, V = _scores(run_dir, bases=set(range(M)))
+    last = {}
+    for i, m in enumerate(metas):
+        if m["base"] not in last or m["cycle"] > metas[last[m["base"]]]["cycle"]:
+            last[m["base"]] = i
+    idx = [last[b] for b in sorted(last)]
+    assert len(idx) == M, (run_dir, M, sorted(last))
+    return {"val_loss": mixture_nll(V[idx], [1.0 / M] * M), "fitness_loss": mixture_nll(F[idx], [1.0 / M] * M),
+            "member_val_losses": [_nll(V[i]) for i in idx], "epochs": sum(metas[i]["epoch"] for i in idx)}
+
+
+def _fit(F, V):
+    from q0ds.prior import fit_prior, mixture_nll
+    fit = fit_prior(F, steps=PRIOR_STEPS, lr=PRIOR_LR, clip=PRIOR_CLIP)
+    return fit.weights, mixture_nll(V, fit.weights)
+
+
+def _topk_on_fitness(F, V, weights) -> dict:
+    """K for the headline chosen on the FITNESS set (weighted top-K, renormalised); val only reported."""
+    from q0ds.prior import default_ks, mixture_nll, top_k
+    rows = []
+    for k in default_ks(F.shape[0]):
+        idx, w = top_k(weights, k)
+        rows.append({"k": k, "fitness_loss": mixture_nll(F[idx], w), "val_loss": mixture_nll(V[idx], w)})
+    best = min(rows, key=lambda r: r["fitness_loss"])
+    return {"k": best["k"], "val_loss": best["val_loss"], "rows": rows}
+
+
+def q0_curve(run_dir, detail_epochs=(), fitness_sizes=()) -> dict:
+    """Per cycle c: prior refitted on the fitness set over the snapshots of cycles <= c (the final fit's
+    settings), val loss of the weighted all-member mixture and of the uniform mixture. At `detail_epochs`
+    also: K chosen on fitness, and the prior's gain over uniform when fitted on the first n fitness tokens."""
+    from q0ds.prior import mixture_nll
+    run_dir = Path(run_dir)
+    metas, F, V = _scores(run_dir)
+    cache = run_dir / "bench_result.json"
+    key = {"snapshots": len(metas), "detail_epochs": sorted(detail_epochs), "fitness_sizes": sorted(fitness_sizes)}
+    if cache.is_file():
+        c = json.loads(cache.read_text())
+        if c.get("key") == key:
+            return c["result"]
+    sched = json.loads((run_dir / "config.json").read_text())["schedule"]
+    lens = sched["cycle_epochs"] if isinstance(sched["cycle_epochs"], list) else [sched["cycle_epochs"]] * sched["cycles"]
+    curve = []
+    for c in sorted({m["cycle"] for m in metas}):
+        sel = [i for i, m in enumerate(metas) if m["cycle"] <= c]
+        w, val = _fit(F[sel], V[sel])
+        ep = sum(lens[:c + 1])                 # nominal; the trainer rounds cycles to whole steps (same for
+        row = {"cycle": c, "epochs": ep,       # every arm: 13 steps of 13.3 per epoch here), see epochs_actual
+               "epochs_actual": max(metas[i]["epoch"] for i in sel), "members": len(sel), "val_loss": val,
+               "uniform_val_loss": mixture_nll(V[sel], [1.0 / len(sel)] * len(sel)),
+               "last_snapshot_val_loss": _nll(V[sel[-1]])}
+        if any(abs(ep - e) < 1e-6 * max(1.0, e) for e in detail_epochs):
+            row["topk_on_fitness"] = _topk_on_fitness(F[sel], V[sel], w)
+            row["prior_gain_by_fitness_tokens"] = {}
+            for n in sorted(fitness_sizes):
+                if n <= F.shape[1]:
+                    _, v = _fit(F[sel][:, :n], V[sel])
+                    row["prior_gain_by_fitness_tokens"][str(n)] = row["uniform_val_loss"] - v
+        curve.append(row)
+    out = {"curve": curve, "fitness_tokens": int(F.shape[1]), "val_tokens": int(V.shape[1])}
+    write_json(cache, {"key": key, "result": out})
+    return out
+
+
+def at_epochs(curve, E: float):
+    """The curve row at exactly E nominal epochs (a prefix budget), or None if the run has not reached it."""
+    for r in curve:
+        if abs(r["epochs"] - E) < 1e-6 * max(1.0, E):
+            return r
+    return None
