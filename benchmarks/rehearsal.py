@@ -202,7 +202,9 @@ def main(argv=None) -> int:
             print(out[-4000:], file=sys.stderr)
             sys.exit(f"rehearsal: error: launch {tag} exited {rc} (expected {'non-zero' if fault else 0}); log above")
     ref_tag = "relaunch" if args.no_straight else "straight"
-    ref = work / f"run-{ref_tag}"
+    ref = run_c if args.no_straight else work / "run-straight"
+    if args.no_straight:        # the resumed run's peak per rank: over its crashed launch and its relaunch
+        peaks["relaunch"] = {r: max(peaks["crash"].get(r, 0), v) for r, v in peaks["relaunch"].items()}
     recs = records(ref)
     checks = {"muon_step": check_muon(ref, recs)}
     base = baseline_rss()
