@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test test-fast bench clean-runs venv gpu-check memory-probe
+.PHONY: demo test test-fast bench clean-runs venv gpu-check memory-probe rehearsal
 
 venv: $(STAMP)
 
@@ -41,6 +41,11 @@ bench: $(STAMP)
 # One JSON summary of the 1.8b preset on the CUDA GPUs present (<= 8 min); fails clearly without a GPU.
 gpu-check: $(STAMP)
 	DS_ACCELERATOR=cuda $(BIN)/python benchmarks/gpu_check.py
+
+# CPU rehearsal of the 1.8b widths (1 layer, fp32, 2 ranks ZeRO-3, Muon, distillation, kill + relaunch):
+# benchmarks/results/rehearsal.json. The tiny variant runs in `make test` (tests/test_rehearsal.py).
+rehearsal: $(STAMP)
+	DS_ACCELERATOR=cpu $(BIN)/python benchmarks/rehearsal.py --no-straight
 
 # Re-measure the memory plan's constants (benchmarks/results/memory_probe.json; copy into q0ds/plan.py MEASURED).
 memory-probe: $(STAMP)

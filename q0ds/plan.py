@@ -350,6 +350,38 @@ def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="ad
     return out
 
 
+def cpu_rank_memory(model, world: int, micro_batch: int, seq_len: int, dtype_bytes: int = 4,
+                    optimizer: str = "muon", teacher: bool = True, baseline_bytes: int = 0,
+                    max_live_parameters: float = 1e9) -> dict:
+    """Peak resident bytes ESTIMATE of one CPU rank (ZeRO-3 over `world` ranks, ds_configs/zero3_cpu.hjson), for
+    the CPU rehearsal (benchmarks/rehearsal.py). Same terms as memory_plan with the parameter dtype a parameter:
+    params, grads and teacher in `dtype_bytes`; DeepSpeed keeps its fp32 partition copy even for an fp32 model
+    (deepspeed/runtime/zero/stage3.py DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions); gathered params up
+    to stage3_max_live_parameters; activations from the measured bf16 constants scaled by dtype_bytes / 2;
+    `baseline_bytes`: the measured resident size of a rank's process before the model (Python, torch, DeepSpeed)."""
+    if dtype_bytes not in (2, 4):
+        raise ValueError(f"dtype_bytes must be 2 (bf16) or 4 (fp32), got {dtype_bytes!r}")
+    if optimizer not in ("adamw", "muon"):
+        raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
+    a, pb = _arch(model), param_breakdown(model)
+    N, V, g, d = pb["total"], a["vocab_size"], world, dtype_bytes
+    opt = 8 * N if optimizer == "adamw" else 4 * pb["matrices"] + 8 * (N - pb["matrices"])
+    copies = 3 if teacher else 2
+    parts = {
+        "params (partition)": d * N / g, "fp32 partition copy": 4 * N / g, f"optimizer states ({optimizer})": opt / g,
+        "grads (partition)": 4 * N / g, "teacher params (partition)": d * N / g if teacher else 0,
+        "gathered params": min(max_live_parameters, N) * d,
+        "activations": activation_bytes(a, micro_batch, seq_len) * d / 2,
+        f"logits x {copies}": seq_len * micro_batch * V * d * copies,
+        "loss temporaries (chunked, measured)": MEASURED["loss_chunk_bytes"],
+        "process baseline (measured)": baseline_bytes,
+    }
+    parts = {k: int(math.ceil(v)) for k, v in parts.items()}
+    return {"estimate": True, "params": N, "world": world, "micro_batch": micro_batch, "seq_len": seq_len,
+            "dtype_bytes": d, "optimizer": optimizer, "teacher": teacher, "bytes": parts,
+            "total_bytes": sum(parts.values())}
+
+
 def _deepspeed_estimate(params: int, largest: int, gpus: int) -> dict:
     """DeepSpeed's own ZeRO-3 model-state estimate, no offload: 4 x largest layer + 18 x params / gpus."""
     try:

@@ -207,3 +207,17 @@ def test_plan_activations_match_a_fresh_measurement_at_other_widths():
         assert planned == pytest.approx(got * 64, rel=0.05), (arch, got, planned / 64)
         ck = saved_bytes_per_layer(arch, 64, layers=2, checkpointing=True)
         assert ck == pytest.approx(MEASURED["ckpt_per_h"] * arch["hidden_size"], rel=0.05)
+
+
+def test_cpu_rank_memory_terms_and_bad_dtype():
+    from q0ds.plan import ARCH, cpu_rank_memory, param_breakdown
+    arch = dict(ARCH["1.8b"], num_hidden_layers=1)
+    d = cpu_rank_memory(arch, world=2, micro_batch=1, seq_len=2048, dtype_bytes=4, baseline_bytes=123)
+    N = param_breakdown(arch)["total"]
+    assert d["total_bytes"] == sum(d["bytes"].values()) and d["bytes"]["process baseline (measured)"] == 123
+    assert d["bytes"]["params (partition)"] == math.ceil(4 * N / 2)
+    assert d["bytes"]["logits x 3"] == 2048 * 50304 * 4 * 3
+    half = cpu_rank_memory(arch, world=2, micro_batch=1, seq_len=2048, dtype_bytes=2)
+    assert half["bytes"]["activations"] * 2 == pytest.approx(d["bytes"]["activations"], abs=2)
+    with pytest.raises(ValueError, match="dtype_bytes must be 2"):
+        cpu_rank_memory(arch, world=2, micro_batch=1, seq_len=2048, dtype_bytes=8)

@@ -1,0 +1,27 @@
+"""The CPU rehearsal's checks at tiny widths (benchmarks/rehearsal.py --tiny; `make rehearsal` is the real-width run):
+real deepspeed launcher, 2 ranks, ZeRO-3, Muon with grad clip, chain distillation, kill + relaunch."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_rehearsal_tiny(tmp_path):
+    out = tmp_path / "rehearsal.json"
+    p = subprocess.run([sys.executable, "benchmarks/rehearsal.py", "--tiny", "--work", str(tmp_path / "work"),
+                        "--out", str(out)], cwd=ROOT, text=True, capture_output=True, timeout=900)
+    assert out.exists(), p.stdout[-3000:] + p.stderr[-3000:]
+    d = json.loads(out.read_text())
+    c = d["checks"]
+    assert c["muon_step"]["pass"], c["muon_step"]              # the orthogonalised step is not shrunk
+    assert c["memory"]["pass"], c["memory"]                    # VmHWM per rank within 15% of cpu_rank_memory
+    assert set(c["memory"]["measured_peak_rss_bytes"]) == {"0", "1"}
+    assert c["snapshot"]["pass"], c["snapshot"]                # from_pretrained reproduces the logged val loss
+    assert c["resume"]["pass"] and c["resume"]["straight_sha256"] == c["resume"]["resumed_sha256"], c["resume"]
+    assert d["distilled_steps"] == 2 and len(d["val_loss"]) == 3 and d["dtype"] == "fp32"
+    assert d["ok"] and p.returncode == 0
