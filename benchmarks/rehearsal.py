@@ -12,9 +12,9 @@ model.dtype=fp32 and ds_configs/zero3_cpu.hjson. --tiny: the same checks at tiny
 Checks (each recorded with pass/fail and its numbers):
  a. muon_step: ||W_3 - (1 - lr wd) W_2|| / (lr sqrt(min(m,n)) sqrt(max(1, m/n))) of the step-3 update of
     layer 0's matrices, from snapshots cycle 1 and 2; ~1 for an orthogonalised update (Newton-Schulz leaves the
-    singular values in about [0.7, 1.2]), far below 1 if something shrank the step. Passes on >= 0.6 (no
-    shrink); `within_0.6_1.3` records whether it is also not larger (at the first measurement it was 2.6-4x
-    larger, not yet explained: see README "CPU rehearsal").
+    singular values in about [0.7, 1.2]), far below 1 if something shrank the step. Passes on 0.6..1.3.
+    Perturbation is off in the rehearsal: its noise lands between those two snapshots (the first measurement,
+    with it on, read 2.6-4x tiny / 14-23x real width).
  b. memory: peak resident memory (VmHWM) of each rank process vs plan.cpu_rank_memory, within 15%.
  c. snapshot: the last snapshot loads with AutoModelForCausalLM.from_pretrained and reproduces its val loss.
  d. resume: a run SIGKILLed after step 2 (Q0DS_FAULT=crash_at_step=2) and relaunched ends with the same
@@ -113,7 +113,10 @@ def setup(work: Path, arch: dict, seq: int, tag: str):
     ov = [f"model.config_path={model_dir}", "model.dtype=fp32", "ds_config=ds_configs/zero3_cpu.hjson",
           f"train.seq_len={seq}", "train.micro_batch=1", "train.global_batch=2", "train.small_batch=0",
           "train.ckpt_every=1", "train.log_every=1", f"schedule.cycles={CYCLES}", "schedule.cycle_steps=1",
-          "distill.enabled=true", "distill.start_cycle=1", "eval.batch=1", "eval.fitness=true"]
+          "distill.enabled=true", "distill.start_cycle=1", "eval.batch=1", "eval.fitness=true",
+          # no perturbation: its noise (0.25..0.05 x std(W), added right after each snapshot) would land between the
+          # two snapshots that check_muon differences and swamp the one-step Muon update (measured: 14-23x)
+          "perturb.enabled=false"]
     run = work / f"run-{tag}"
     cfg = load_config(None, ov, base=preset_config("1.8b", data=str(data), run_dir=str(run)))
     config = work / f"config-{tag}.json"
@@ -147,9 +150,10 @@ def check_muon(run: Path, recs: list) -> dict:
         out["matrices"][name] = {"shape": [m, n], "update_norm_over_expected": ratio,
                                  "without_decay_correction": ((b - a).norm() / expected).item()}
     rs = [v["update_norm_over_expected"] for v in out["matrices"].values()]
-    out["pass"] = all(r >= 0.6 for r in rs)              # no clip (or other) shrink of the orthogonalised step
-    out["criterion"] = "ratio >= 0.6 for every matrix (no shrink)"
-    out["within_0.6_1.3"] = all(0.6 <= r <= 1.3 for r in rs)   # False: the step is LARGER than lr x ||O||; open
+    # Newton-Schulz leaves the singular values of the orthogonalised update in ~[0.7, 1.2], so ||O|| is about
+    # sqrt(min(m, n)); a clip of the Muon update by a global norm would show as a ratio far below 1
+    out["pass"] = all(0.6 <= r <= 1.3 for r in rs)
+    out["criterion"] = "0.6 <= ratio <= 1.3 for every matrix (no clip shrink, no extra change)"
     return out
 
 
