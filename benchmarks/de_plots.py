@@ -5,12 +5,13 @@ import statistics
 from pathlib import Path
 
 
-def _fmt(d, nd=3):
+def _fmt(d, nd=3, sep="±", empty="-"):
+    """mean±std (n=...) of a spread() dict; std only when n > 1."""
     if not d:
-        return "-"
+        return empty
     s = f"{d['mean']:.{nd}f}"
     if d["n"] > 1:
-        s += f"±{d['std']:.{nd}f}"
+        s += f"{sep}{d['std']:.{nd}f}"
     return s + f" (n={d['n']})"
 
 
@@ -145,12 +146,7 @@ def plot(res: dict, out: Path) -> None:
 
 
 def _md(d, nd=3):
-    if not d:
-        return "–"
-    s = f"{d['mean']:.{nd}f}"
-    if d["n"] > 1:
-        s += f" ± {d['std']:.{nd}f}"
-    return s + f" (n={d['n']})"
+    return _fmt(d, nd, sep=" ± ", empty="–")
 
 
 def markdown(res: dict) -> str:
