@@ -28,7 +28,7 @@ from .data import PreparedData
 from .distill import distill_loss
 from .faults import crash_if, fault
 from .model import build_config
-from .monitor import Monitor, truncate_metrics
+from .monitor import Monitor
 from .runlock import BaseLock
 from .schedule import multipliers, perturb_scale, run_plan
 from .snapshot import snapshot_dir, token_logprobs, windows_fingerprint, write_scores, write_snapshot
@@ -455,10 +455,6 @@ class BaseTrainer:
         if self.monitor is None:
             self.monitor = Monitor(self.dir, self.cfg.monitor, name=f"base-{self.base:02d}")
         self.monitor.log(rec)
-
-    def _truncate_metrics(self, step: int):
-        """Drop records past the checkpoint: the resumed run re-logs them identically."""
-        truncate_metrics(self.dir / "metrics.jsonl", step)
 
     def _print(self, msg: str):
         if self.rank == 0:
