@@ -65,14 +65,16 @@ say() { echo "q0_bases [$(date '+%F %T')]: $*"; }
 die() { echo "q0_bases: ERROR: $*" >&2; exit 1; }
 
 # job_hosts LIST: the job's host names, one a line. scontrol expands SLURM's compressed form (node[01-04]);
-# where there is no scontrol (a node launch started by hand or by a test), a plain comma list is used as is.
+# where there is no scontrol, or one that cannot reach a SLURM configuration (a node launch started by hand
+# or by a test on a machine with SLURM's client installed but no cluster), a plain comma list is used as is.
 job_hosts() {
-    if command -v scontrol >/dev/null; then
-        scontrol show hostnames "$1"
-    else
-        [[ $1 != *[* ]] || die "cannot expand the node list '$1' without scontrol; give the host names separated by commas"
-        tr ',' '\n' <<<"$1"
+    local out
+    if command -v scontrol >/dev/null && out=$(scontrol show hostnames "$1" 2>/dev/null) && [[ -n $out ]]; then
+        echo "$out"
+        return 0
     fi
+    [[ $1 != *[* ]] || die "cannot expand the node list '$1' (no working scontrol); give the host names separated by commas"
+    tr ',' '\n' <<<"$1"
 }
 
 # --- signal forwarding (see the header) -------------------------------------------------------------
@@ -205,7 +207,8 @@ if [[ $Q0DS_CPU == 0 && -z ${TORCH_EXTENSIONS_DIR:-} ]]; then
 fi
 
 NNODES=${SLURM_JOB_NUM_NODES:-1}
-mapfile -t HOSTS < <(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname -s)}" 2>/dev/null || hostname -s)
+mapfile -t HOSTS < <(job_hosts "${SLURM_JOB_NODELIST:-$(hostname -s)}")
+[[ ${#HOSTS[@]} -gt 0 && -n ${HOSTS[0]} ]] || die "no host names for the node list '${SLURM_JOB_NODELIST:-}'"
 MASTER=${HOSTS[0]}
 JOB_KEY=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-$$}}
 PORT=${Q0DS_MASTER_PORT:-$((20000 + (JOB_KEY * 17 + BASE) % 10000))}
