@@ -4,7 +4,7 @@ several seeds, on CPU. Resumable at the granularity of one base (one deepspeed j
     .venv/bin/python benchmarks/data_efficiency.py                 # the full benchmark (resumes; ~3 h on 2 idle cores)
     nice -n 19 .venv/bin/python benchmarks/data_efficiency.py > benchmarks/work/de.log 2>&1 &   # in the background
     .venv/bin/python benchmarks/data_efficiency.py --plan-only     # runs, tiers, cost estimate
-    .venv/bin/python benchmarks/data_efficiency.py --report-only   # JSON + plots from the finished runs only
+    .venv/bin/python benchmarks/data_efficiency.py --report-only   # JSON + plots from the ledger + finished runs
     .venv/bin/python benchmarks/data_efficiency.py --quick --work /tmp/de --out /tmp/de-out   # smoke
 
 Setting (cpu-scale.md): the `small` preset (Qwen3, hidden 128, 2 layers, 0.95M params, seq 128, batch 32) on
@@ -30,8 +30,10 @@ Order (tiers): the grid and q0 seed 0; seed 0 of every baseline up to 32 epochs 
 seeds up to 32; the ablations' other seeds; budget 64; the planner comparison.
 
 Outputs (benchmarks/de_report.py): benchmarks/results/data_efficiency.json (every cell says whether it is
-complete; only complete cells enter tables and plots), data_efficiency.png, data_efficiency_ablations.png.
-Per-run numbers are cached in <work>/<run>/bench_result.json.
+complete; only complete cells enter tables and plots), data_efficiency.png, data_efficiency_ablations.png, and
+the ledger data_efficiency_ledger.json (benchmarks/de_ledger.py): every finished run's numbers, the tuned
+recipe and the training sessions. Commit the ledger: a later session (with an empty work dir) skips every run
+in it, and `--report-only` rebuilds the JSON and plots from it alone.
 """
 from __future__ import annotations
 
@@ -66,36 +68,26 @@ def prepare_data(args) -> Path:
     return data.resolve()
 
 
-def fitness_curve(run_dir: Path) -> list[dict]:
-    """(epoch, fitness NLL, val NLL) of every snapshot of base 0 of a run, from the stored scores."""
-    from q0ds.snapshot import list_snapshots, load_scores, read_meta
-    out = []
-    for s in list_snapshots(run_dir):
-        m = read_meta(s)
-        f = -load_scores(s, "fitness").clamp_min(1e-30).log().double().mean().item()
-        out.append({"epochs": m["epoch"], "fitness_loss": f, "val_loss": m.get("val_loss")})
-    return out
-
-
 def select_recipe(args, runs) -> dict | None:
     """The tuned recipe once every grid run is finished: lowest fitness loss at its best fitness epoch."""
-    work = Path(args.work)
-    if (work / "tuned.json").is_file():
-        import json
-        return json.loads((work / "tuned.json").read_text())["recipe"]
+    from benchmarks.de_report import run_eval
+    L = de_jobs.LEDGER
+    if L.doc.get("tuned"):
+        return L.doc["tuned"]["recipe"]
     grid = [r for r in runs if r.kind == "tune"]
     if not grid or not all(de_jobs.complete(r) for r in grid):
         return None
     rows = []
     for r in grid:
-        c = fitness_curve(r.run_dir)
+        c = run_eval(r, "single_curve")["curve"]
         best = min(c, key=lambda p: p["fitness_loss"])
         rows.append({**r.info["recipe"], "best_fitness_loss": best["fitness_loss"], "best_epoch_on_fitness": best["epochs"],
                      "val_loss_at_that_epoch": best["val_loss"], "curve": c})
     win = min(rows, key=lambda x: x["best_fitness_loss"])
     recipe = {"lr": win["lr"], "wd": win["wd"]}
-    write_json(work / "tuned.json", {"recipe": recipe, "budget": args.tune_budget, "selected_on": "fitness set",
-                                     "grid": rows, "warmup_frac": args.warmup_frac})
+    L.doc["tuned"] = {"recipe": recipe, "budget": args.tune_budget, "selected_on": "fitness set", "grid": rows,
+                      "warmup_frac": args.warmup_frac}
+    L.save()
     print(f"[data_efficiency] tuned single-model recipe (fitness set): LR {recipe['lr']:g}, WD {recipe['wd']:g}",
           flush=True)
     return recipe
@@ -163,6 +155,9 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data = prepare_data(args)
+    from benchmarks.de_ledger import Ledger
+    from q0ds.data import PreparedData
+    de_jobs.LEDGER = Ledger(Path(args.out) / "data_efficiency_ledger.json", PreparedData.open(data).fingerprint)
     state = {"recipe": None, "runs": None}
 
     def get_runs():
@@ -189,14 +184,15 @@ def main(argv=None) -> int:
               f"{sum(r.cfg.bases for r in runs)} deepspeed jobs", flush=True)
         return 0
     failed = []
+    from benchmarks import de_report
     if not args.report_only:
         t0 = time.time()
         try:
-            failed = de_jobs.train_all(get_runs, args.parallel, args.threads, t_start, args.max_tier)
+            failed = de_jobs.train_all(get_runs, args.parallel, args.threads, t_start, args.max_tier,
+                                       on_complete=lambda run: de_report.record(args, run))
         finally:
-            de_jobs.log_session(work, t0, time.time(), failed)
+            de_jobs.log_session(t0, time.time(), failed)
         runs = get_runs()
-    from benchmarks import de_report
     res = de_report.report(args, data, runs, argv, failed, t_start)
     return 1 if failed or (res.get("incomplete_runs") and not args.report_only and args.max_tier >= 99) else 0
 

@@ -31,6 +31,7 @@ class Run:
     base_tiers: list = field(default_factory=list)   # tier of each base (a pool's later members wait longer)
     info: dict = field(default_factory=dict)
     depends: list = field(default_factory=list)        # runs that must be complete first (distill jobs)
+    feeds: list = field(default_factory=list)          # runs that need this run's files on disk (the inverse)
 
     @property
     def run_dir(self) -> Path:
@@ -165,9 +166,10 @@ def build_runs(args, data, recipe: dict | None) -> list[Run]:
             src = next(r for r in runs if r.name == f"abl-ref-E{A:g}-s{s}")
             for name, ov in (("distill-k4", []), ("distill-k4-noteacher", ["distill.alpha=0"])):
                 out = src.run_dir / "distilled" / ("k4" if not ov else "k4-noteacher")
-                run = Run(f"{name}-s{s}", "distill", s, cfg=src.cfg, base_tiers=[3], depends=[src],
+                run = Run(f"{name}-s{s}", "distill", s, cfg=src.cfg, base_tiers=src.base_tiers, depends=[src],
                           info={"source": str(src.run_dir), "out": str(out), "k": 4,
                                 "overrides": ov + ([f"run_dir={out}"] if ov else [])})
+                src.feeds.append(run)
                 runs.append(run)
     return runs
 

@@ -41,22 +41,40 @@ def run_cost(run) -> float:
     return 2 * 3.0 + COST_LAUNCH if run.kind == "distill" else job_cost(run.cfg)
 
 
-def base_done(run, b: int) -> bool:
+# The ledger of finished runs (benchmarks/de_ledger.py), set by data_efficiency.main; None: files only.
+LEDGER = None
+
+
+def disk_done(run, b: int) -> bool:
+    """Base b of the run finished, with its files in the work dir."""
     from q0ds.trainer import base_dir
     if run.kind == "distill":
         return (run.run_dir / "distill_report.json").is_file()
     return (base_dir(run.cfg, b) / "done.json").is_file()
 
 
+def disk_complete(run) -> bool:
+    return all(disk_done(run, b) for b in range(run.cfg.bases))
+
+
+def in_ledger(run) -> bool:
+    """Finished in an earlier session (its numbers are in the ledger), and no unfinished run needs its files."""
+    return LEDGER is not None and LEDGER.has(run) and all(complete(f) for f in run.feeds)
+
+
+def base_done(run, b: int) -> bool:
+    return disk_done(run, b) or in_ledger(run)
+
+
 def complete(run) -> bool:
-    return all(base_done(run, b) for b in range(run.cfg.bases))
+    return disk_complete(run) or in_ledger(run)
 
 
 def pending_jobs(runs, running_keys=()) -> list:
     """(tier, -cost, name, base, run) of every unfinished base not running now, in launch order."""
     jobs = []
     for run in runs:
-        if run.depends and not all(complete(d) for d in run.depends):
+        if run.depends and not all(disk_complete(d) for d in run.depends):       # it reads their files
             continue
         cost = run_cost(run)
         for b in range(run.cfg.bases):
@@ -72,7 +90,9 @@ def _timing_path(run):
 
 def read_timing(run) -> dict:
     p = _timing_path(run)
-    return json.loads(p.read_text()) if p.is_file() else {}
+    if p.is_file():
+        return json.loads(p.read_text())
+    return LEDGER.timing(run) if LEDGER is not None else {}
 
 
 def _add_timing(run, base, seconds, rc):
@@ -84,8 +104,9 @@ def _add_timing(run, base, seconds, rc):
     write_json(_timing_path(run), t)
 
 
-def train_all(get_runs, parallel: int, threads: int, t_start: float, max_tier: int = 99) -> list:
-    """Train every unfinished base of get_runs() (called again whenever a slot frees). Returns failures."""
+def train_all(get_runs, parallel: int, threads: int, t_start: float, max_tier: int = 99, on_complete=None) -> list:
+    """Train every unfinished base of get_runs() (called again whenever a slot frees); on_complete(run) when a
+    run's last base finishes (the benchmark records it in the ledger). Returns failures."""
     from q0ds.runner import launch_base
     from q0ds.trainer import base_dir
     runs = get_runs()
@@ -135,6 +156,8 @@ def train_all(get_runs, parallel: int, threads: int, t_start: float, max_tier: i
                           f"see {base_dir(run.cfg, b) / 'train.log'}", flush=True)
                 else:
                     print(f"[{hms(time.time() - t_start)}] done  {run.name} base {b} in {dt:.0f} s", flush=True)
+                    if on_complete is not None and disk_complete(run):
+                        on_complete(run)
             if time.time() - last_status > 300 and running:
                 last_status = time.time()
                 parts = [f"{run.name}/b{b} step {_steps_done(base_dir(run.cfg, b))}/{plan_of(run.cfg).total_steps}"
@@ -196,15 +219,12 @@ def hms(s: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def log_session(work: Path, start: float, end: float, failed) -> None:
-    """Wall time of every training invocation in this work dir (a resumed benchmark spans several)."""
-    p = work / "sessions.json"
-    rows = json.loads(p.read_text()) if p.is_file() else []
-    rows.append({"start": round(start, 1), "end": round(end, 1), "failed_jobs": len(failed),
-                 "start_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start))})
-    write_json(p, rows)
+def log_session(start: float, end: float, failed) -> None:
+    """Wall time of every training invocation, in the ledger (a resumed benchmark spans several sessions)."""
+    LEDGER.doc["sessions"].append({"start": round(start, 1), "end": round(end, 1), "failed_jobs": len(failed),
+                                   "start_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start))})
+    LEDGER.save()
 
 
-def read_sessions(work: Path) -> list:
-    p = work / "sessions.json"
-    return json.loads(p.read_text()) if p.is_file() else []
+def read_sessions() -> list:
+    return LEDGER.doc["sessions"] if LEDGER is not None else []

@@ -22,29 +22,82 @@ def _b(E) -> str:
     return f"{E:g}"
 
 
+def eval_keys(args, run) -> list[str]:
+    """The numbers the report reads from one run (one ledger key each)."""
+    if run.kind in ("tune", "single"):
+        return ["single_curve"]
+    if run.kind == "pool":
+        return [f"ensemble_M{M}" for M in args.ensemble_sizes if M <= run.cfg.bases]
+    if run.kind == "q0":
+        return ["q0_curve|" + ",".join(map(_b, sorted(set(args.budgets) | {args.ablation_budget}))) + "|"
+                + ",".join(map(str, FITNESS_SIZES))]
+    if run.kind in ("abl", "extra"):
+        return [f"q0_curve|{_b(run.info['budget'])}|"]
+    return ["distill_report"]
+
+
+def _compute(run, key: str):
+    if key == "single_curve":
+        return de_eval.single_curve(run.run_dir)
+    if key.startswith("ensemble_M"):
+        return de_eval.ensemble_of_first(run.run_dir, int(key[len("ensemble_M"):]))
+    if key.startswith("q0_curve|"):
+        _, detail, sizes = key.split("|")
+        return de_eval.q0_curve(run.run_dir, [float(x) for x in detail.split(",") if x],
+                                [int(x) for x in sizes.split(",") if x])
+    import json
+    return json.loads((run.run_dir / "distill_report.json").read_text())
+
+
+def run_eval(run, key: str, partial: bool = False):
+    """One number set of a run: from the ledger when it is there, else from the run's files (and then recorded
+    in the ledger if the run is finished); None when neither has it. partial: also from an unfinished run's
+    files (a pool's first bases, a q0 run's prefix), not recorded."""
+    L = de_jobs.LEDGER
+    v = L.get(run, key) if L is not None else None
+    if v is not None:
+        return v
+    if de_jobs.disk_complete(run):
+        v = _compute(run, key)
+        if L is not None:
+            L.put(run, key, v, timing=de_jobs.read_timing(run))
+        return v
+    if partial and not (L is not None and L.has(run)):
+        return _compute(run, key)
+    if L is not None and L.has(run):
+        raise SystemExit(f"[data_efficiency] the ledger {L.path} has run {run.name} without '{key}' and its files "
+                         f"are gone: report with the settings it was recorded with, or delete its entry to retrain it")
+    return None
+
+
+def record(args, run) -> None:
+    """Every number of a finished run into the ledger (called as each run finishes)."""
+    for key in eval_keys(args, run):
+        run_eval(run, key)
+
+
 def collect(args, runs) -> dict:
     """{"single": {E: {s: row}}, "ensemble": {E: {M: {s: row}}}, "q0": {s: curve}, "abl": {name: {s: row}},
     "extra": {name: {s: row}}, "tune": [...], "cells": {...}}"""
     by = {r.name: r for r in runs}
     out = {"single": {}, "ensemble": {}, "q0": {}, "abl": {}, "extra": {}, "cells": {}}
-    detail = sorted(set(args.budgets) | {args.ablation_budget})
     for s in range(args.seeds):
         for E in args.budgets:
             r = by.get(f"single-E{_b(E)}-s{s}")
             ok = r is not None and de_jobs.complete(r)
             out["cells"][f"single/E{_b(E)}/s{s}"] = ok
             if ok:
-                out["single"].setdefault(_b(E), {})[s] = de_eval.single_curve(r.run_dir)
+                out["single"].setdefault(_b(E), {})[s] = run_eval(r, "single_curve")
             for M in args.ensemble_sizes:
                 r = by.get(f"pool-L{_b(E / M)}-s{s}")
                 ok = r is not None and all(de_jobs.base_done(r, b) for b in range(M))
                 out["cells"][f"ensemble/E{_b(E)}/M{M}/s{s}"] = ok
                 if ok:
-                    out["ensemble"].setdefault(_b(E), {}).setdefault(M, {})[s] = de_eval.ensemble_of_first(r.run_dir, M)
+                    out["ensemble"].setdefault(_b(E), {}).setdefault(M, {})[s] = run_eval(r, f"ensemble_M{M}", partial=True)
         r = by[f"q0-s{s}"]
         from q0ds.snapshot import list_snapshots
-        if list_snapshots(r.run_dir):
-            out["q0"][s] = de_eval.q0_curve(r.run_dir, detail, FITNESS_SIZES)
+        if de_jobs.complete(r) or list_snapshots(r.run_dir):
+            out["q0"][s] = dict(run_eval(r, eval_keys(args, r)[0], partial=True))
             out["q0"][s]["complete"] = de_jobs.complete(r)
         for E in args.budgets:
             out["cells"][f"q0/E{_b(E)}/s{s}"] = s in out["q0"] and de_eval.at_epochs(out["q0"][s]["curve"], E) is not None
@@ -53,8 +106,7 @@ def collect(args, runs) -> dict:
             ok = de_jobs.complete(r)
             out["cells"][r.name] = ok
             if ok:
-                import json
-                d = json.loads((r.run_dir / "distill_report.json").read_text())
+                d = run_eval(r, "distill_report")
                 out.setdefault("distill", {}).setdefault(r.name.rsplit("-s", 1)[0], {})[r.seed] = {
                     "val_loss": d["val_loss"], "fraction_retained": d["fraction_retained"],
                     "student_epochs": d["cost"]["student_epochs"], "alpha": d["alpha"]}
@@ -62,8 +114,7 @@ def collect(args, runs) -> dict:
             ok = de_jobs.complete(r)
             out["cells"][r.name] = ok
             if ok:
-                c = de_eval.q0_curve(r.run_dir, [r.info["budget"]], ())
-                last = c["curve"][-1]
+                last = run_eval(r, eval_keys(args, r)[0])["curve"][-1]
                 row = {"val_loss": last["val_loss"], "uniform_val_loss": last["uniform_val_loss"],
                        "last_snapshot_val_loss": last["last_snapshot_val_loss"], "members": last["members"],
                        "topk_on_fitness": last.get("topk_on_fitness"), "train_process_s": _proc_s(r)}
@@ -189,13 +240,13 @@ def report(args, data, runs, argv, failed, t_start) -> dict:
     cells = collect(args, runs)
     summ = summarize(args, cells)
     import json
-    work, out = Path(args.work), Path(args.out)
-    tuned = json.loads((work / "tuned.json").read_text()) if (work / "tuned.json").is_file() else None
-    sessions = de_jobs.read_sessions(work)
+    out = Path(args.out)
+    tuned = de_jobs.LEDGER.doc["tuned"] if de_jobs.LEDGER is not None else None
+    sessions = de_jobs.read_sessions()
     grid = []                                 # every finished grid run (the recipe is chosen only when all are)
     for r in runs:
         if r.kind == "tune" and de_jobs.complete(r):
-            c = de_eval.single_curve(r.run_dir)
+            c = run_eval(r, "single_curve")
             grid.append({**r.info["recipe"], "budget": r.info["budget"], "best_val_loss": c["best_val_loss"],
                          "best_epoch": c["best_epoch"], "final_val_loss": c["final_val_loss"],
                          "val_at_best_fitness_epoch": c["val_at_best_fitness_epoch"],

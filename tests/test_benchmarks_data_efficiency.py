@@ -49,3 +49,23 @@ def test_data_efficiency_smoke(embedded_data, tmp_path):
 
     again = _run(args)                      # resumable: everything finished, nothing is retrained
     assert "0 base job(s) to train now" in again
+
+    # a new session: the work dir is gone, the committed ledger remains -> nothing is retrained and the report
+    # (from the ledger alone) has the same numbers
+    ledger = json.loads((out / "data_efficiency_ledger.json").read_text())
+    assert set(ledger["runs"]) == set(r["train_process_s_by_run"]) and ledger["tuned"]["recipe"] == r["tuning"]["recipe"]
+    assert all(e["fingerprint"] and e["eval"] for e in ledger["runs"].values())
+    import shutil
+    shutil.rmtree(work)
+    fresh = _run(args)
+    assert "0 base job(s) to train now" in fresh
+    r2 = json.loads((out / "data_efficiency.json").read_text())
+    for key in ("table", "epochs_to_match", "ablations", "cells", "tuning"):
+        assert r2[key] == r[key], key
+    _run(args + ["--report-only"])
+    assert json.loads((out / "data_efficiency.json").read_text())["table"] == r["table"]
+
+    # a changed setting misses the ledger: the changed arm is trained again
+    ledger["runs"][next(n for n in ledger["runs"] if n.startswith("q0-"))]["fingerprint"] = "other"
+    (out / "data_efficiency_ledger.json").write_text(json.dumps(ledger))
+    assert "1 base job(s) to train now" in _run(args + ["--max-tier", "0"])

@@ -1,0 +1,84 @@
+"""The ledger of benchmarks/data_efficiency.py: the evaluated numbers of every finished run, committed with the
+results (benchmarks/results/data_efficiency_ledger.json), so that
+
+- the benchmark spans sessions whose work dirs do not survive (a run in the ledger with the same settings is
+  finished: it is not trained again), and
+- `--report-only` regenerates every table and plot from committed files alone.
+
+A run's entry holds what the report reads from its snapshots' scores (de_eval: a single model's curve, the
+pool's ensembles, q0's per-cycle refitted prior, a distillation report), keyed by the call that made it, plus
+its settings fingerprint (RunConfig.fingerprint without paths, and the prepared data's fingerprint), its
+training process time and the git commit that trained it. A different setting misses the ledger and is
+retrained. A run whose files another run still needs (an ablation reference feeding an ensemble distillation
+that is not finished) counts as finished only while its files are on disk.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from benchmarks.common import ROOT, write_json
+
+FORMAT = 1
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Ledger:
+    def __init__(self, path, data_fingerprint: str):
+        self.path = Path(path)
+        self.data_fp = data_fingerprint
+        self.doc = {"format": FORMAT, "runs": {}, "tuned": None, "sessions": []}
+        if self.path.is_file():
+            doc = json.loads(self.path.read_text())
+            if doc.get("format") != FORMAT:
+                raise SystemExit(f"{self.path}: ledger format {doc.get('format')!r}, this code reads {FORMAT}; "
+                                 "move it away to start the benchmark afresh")
+            self.doc.update(doc)
+
+    def fingerprint(self, run) -> str:
+        if run.kind == "distill":
+            src = run.depends[0]
+            return f"distill:{self.fingerprint(src)}:k{run.info['k']}:{','.join(run.info['overrides'][:1])}"
+        return f"{run.cfg.fingerprint(exclude=('run_dir', 'monitor', 'data'))}:{self.data_fp[:16]}"
+
+    def entry(self, run) -> dict | None:
+        e = self.doc["runs"].get(run.name)
+        return e if e is not None and e.get("fingerprint") == self.fingerprint(run) else None
+
+    def has(self, run) -> bool:
+        return self.entry(run) is not None
+
+    def get(self, run, key: str):
+        e = self.entry(run)
+        return None if e is None else e["eval"].get(key)
+
+    def put(self, run, key: str, value, timing: dict | None = None) -> None:
+        e = self.entry(run)
+        if e is None:
+            e = self.doc["runs"][run.name] = {"fingerprint": self.fingerprint(run), "kind": run.kind,
+                                              "commit": _commit(), "recorded_utc": _now(), "eval": {}}
+        e["eval"][key] = value
+        if timing:
+            e["timing"] = timing
+        self.save()
+
+    def timing(self, run) -> dict:
+        e = self.entry(run)
+        return (e or {}).get("timing") or {}
+
+    def save(self) -> None:
+        self.doc["runs"] = dict(sorted(self.doc["runs"].items()))
+        write_json(self.path, self.doc)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
