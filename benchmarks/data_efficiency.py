@@ -185,6 +185,9 @@ def main(argv=None) -> int:
         return 0
     failed = []
     from benchmarks import de_report
+    for run in runs:                          # finished in this work dir before the ledger knew (an interrupted
+        if de_jobs.disk_complete(run) and not de_jobs.LEDGER.has(run):        # session): record them now
+            de_report.record(args, run)
     if not args.report_only:
         t0 = time.time()
         try:

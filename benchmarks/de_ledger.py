@@ -76,8 +76,26 @@ class Ledger:
         return (e or {}).get("timing") or {}
 
     def save(self) -> None:
-        self.doc["runs"] = dict(sorted(self.doc["runs"].items()))
-        write_json(self.path, self.doc)
+        """Merged with the file under a lock: a `--report-only` beside a training benchmark loses no entry."""
+        import fcntl
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(f".{self.path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                disk = json.loads(self.path.read_text())
+                for name, e in disk.get("runs", {}).items():
+                    mine = self.doc["runs"].get(name)
+                    if mine is None:
+                        self.doc["runs"][name] = e
+                    elif mine.get("fingerprint") == e.get("fingerprint"):
+                        mine["eval"] = {**e.get("eval", {}), **mine["eval"]}
+                self.doc["tuned"] = self.doc.get("tuned") or disk.get("tuned")
+                seen = {(x["start"], x["end"]) for x in self.doc["sessions"]}
+                self.doc["sessions"] = sorted(self.doc["sessions"] + [x for x in disk.get("sessions", [])
+                                                                      if (x["start"], x["end"]) not in seen],
+                                              key=lambda x: x["start"])
+            self.doc["runs"] = dict(sorted(self.doc["runs"].items()))
+            write_json(self.path, self.doc)
 
 
 def _now() -> str:

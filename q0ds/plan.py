@@ -299,8 +299,13 @@ def activation_bytes(model, micro_batch: int, seq_len: int, flash=True, checkpoi
 
 def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="adamw", teacher=True,
                 gpu_mem_gb=80, checkpointing=False, flash=True, max_live_parameters=1e9, reserve_gb=4.0,
-                deepspeed_check=True) -> dict:
-    """Per-GPU memory ESTIMATE for one base (one node, ZeRO-3 over `gpus`), in bytes."""
+                reduce_bucket_size=5e8, deepspeed_check=True) -> dict:
+    """Per-GPU memory ESTIMATE for one base (one node, ZeRO-3 over `gpus`), in bytes.
+
+    reduce_bucket_size: ds_configs/zero3_bf16.hjson's (contiguous_gradients true). DeepSpeed 0.19.8 allocates
+    the gradient bucket whole at start-up, `torch.empty(self.reduce_bucket_size, dtype=...)` on the device
+    (deepspeed/runtime/zero/stage3.py, DeepSpeedZeroOptimizer_Stage3.__init__, "# IPG"), so on a GPU it is
+    resident from the first step. Missing from the plan until the CPU rehearsal measured 1.3x the estimate."""
     if optimizer not in ("adamw", "muon"):
         raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
     a, pb = _arch(model), param_breakdown(model)
@@ -315,6 +320,7 @@ def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="ad
         "student bf16 grads": 2 * N / g,
         "teacher bf16 params": 2 * N / g if teacher else 0,
         gathered_key: min(max_live_parameters, N) * 2,
+        f"gradient bucket (reduce_bucket_size {reduce_bucket_size:g} x 2 B)": reduce_bucket_size * 2,
         "activations": activation_bytes(a, micro_batch, seq_len, flash, checkpointing),
         f"bf16 logits x {logit_copies} (incl. their grad)": seq_len * micro_batch * V * 2 * logit_copies,
         "loss temporaries (chunked, measured)": MEASURED["loss_chunk_bytes"],
@@ -341,6 +347,8 @@ def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="ad
                "logits: bf16 [s, b, V] for the student and its gradient (+ the teacher's when distilling); the "
                "chunked loss (q0ds.distill) adds one chunk of fp32 temporaries (measured)",
                "ZeRO-3 gathered params: bounded by stage3_max_live_parameters (ds_configs/zero3_bf16.hjson: 1e9)",
+               "gradient bucket: allocated whole (reduce_bucket_size elements of the gradient dtype) at start-up "
+               "(stage3.py, contiguous_gradients)",
                f"GB = 1e9 bytes; {reserve_gb:g} GB reserved for CUDA context, NCCL buffers, fragmentation"]}
     if deepspeed_check:
         out["deepspeed"] = _deepspeed_estimate(N, pb["largest_layer"], gpus)
@@ -352,13 +360,17 @@ def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="ad
 
 def cpu_rank_memory(model, world: int, micro_batch: int, seq_len: int, dtype_bytes: int = 4,
                     optimizer: str = "muon", teacher: bool = True, baseline_bytes: int = 0,
-                    max_live_parameters: float = 1e9) -> dict:
+                    max_live_parameters: float = 1e9, reduce_bucket_size: float = 5e8) -> dict:
     """Peak resident bytes ESTIMATE of one CPU rank (ZeRO-3 over `world` ranks, ds_configs/zero3_cpu.hjson), for
     the CPU rehearsal (benchmarks/rehearsal.py). Same terms as memory_plan with the parameter dtype a parameter:
     params, grads and teacher in `dtype_bytes`; DeepSpeed keeps its fp32 partition copy even for an fp32 model
     (deepspeed/runtime/zero/stage3.py DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions); gathered params up
     to stage3_max_live_parameters; activations from the measured bf16 constants scaled by dtype_bytes / 2;
-    `baseline_bytes`: the measured resident size of a rank's process before the model (Python, torch, DeepSpeed)."""
+    `baseline_bytes`: the measured resident size of a rank's process before the model (Python, torch, DeepSpeed).
+    Gradients: DeepSpeed's bucket is `torch.empty(reduce_bucket_size)` (stage3.py, "# IPG"); on CPU only the pages
+    written become resident, i.e. the gradients bucketed before a flush, min(reduce_bucket_size, N); autograd
+    first makes each parameter's full gradient and the bucket hook copies it in (stage3.py
+    __add_grad_to_ipg_bucket), so the largest parameter's full gradient (the embedding or head) is alive too."""
     if dtype_bytes not in (2, 4):
         raise ValueError(f"dtype_bytes must be 2 (bf16) or 4 (fp32), got {dtype_bytes!r}")
     if optimizer not in ("adamw", "muon"):
@@ -371,6 +383,8 @@ def cpu_rank_memory(model, world: int, micro_batch: int, seq_len: int, dtype_byt
         "params (partition)": d * N / g, "fp32 partition copy": 4 * N / g, f"optimizer states ({optimizer})": opt / g,
         "grads (partition)": 4 * N / g, "teacher params (partition)": d * N / g if teacher else 0,
         "gathered params": min(max_live_parameters, N) * d,
+        "gradient bucket (pages written)": min(reduce_bucket_size, N) * d,
+        "largest full gradient (before the bucket copy)": max(V * a["hidden_size"], pb["largest_layer"]) * d,
         "activations": activation_bytes(a, micro_batch, seq_len) * d / 2,
         f"logits x {copies}": seq_len * micro_batch * V * d * copies,
         "loss temporaries (chunked, measured)": MEASURED["loss_chunk_bytes"],

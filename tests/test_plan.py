@@ -123,6 +123,13 @@ def test_memory_plan_1_8b_model_states_and_deepspeed_crosscheck():
     assert b["gathered params (<= stage3_max_live_parameters 1e+09 x 2 B)"] == 2 * 10 ** 9
     assert b["activations"] == math.ceil(30 * 2048 * 8 * (MEASURED["c_h"] * 2048 + MEASURED["c_I"] * 5632))
     assert b["bf16 logits x 3 (incl. their grad)"] == 2048 * 8 * 50304 * 2 * 3
+    # the gradient bucket DeepSpeed allocates whole at start-up: the shipped config's reduce_bucket_size x bf16
+    import hjson
+    from pathlib import Path
+    zc = hjson.loads((Path(__file__).resolve().parent.parent / "ds_configs/zero3_bf16.hjson").read_text())
+    rbs = float(zc["zero_optimization"]["reduce_bucket_size"])
+    assert zc["zero_optimization"]["contiguous_gradients"] is True
+    assert b[f"gradient bucket (reduce_bucket_size {rbs:g} x 2 B)"] == int(rbs * 2)
     assert d["total_bytes"] == sum(b.values())
     # DeepSpeed's estimator: 4 x largest layer + 18 B/param / gpus; ours counts 16 B/param (bf16 params,
     # fp32 master, Adam m+v, bf16 grads), so ours/DeepSpeed must sit in [0.85, 1.0].
@@ -217,6 +224,12 @@ def test_cpu_rank_memory_terms_and_bad_dtype():
     assert d["total_bytes"] == sum(d["bytes"].values()) and d["bytes"]["process baseline (measured)"] == 123
     assert d["bytes"]["params (partition)"] == math.ceil(4 * N / 2)
     assert d["bytes"]["logits x 3"] == 2048 * 50304 * 4 * 3
+    # 1 layer: every gradient fits one bucket (N < 5e8), so the bucket's written pages are all N; the largest
+    # full gradient is the embedding's / head's
+    assert d["bytes"]["gradient bucket (pages written)"] == 4 * N
+    assert d["bytes"]["largest full gradient (before the bucket copy)"] == 4 * 50304 * 2048
+    small = cpu_rank_memory(arch, world=2, micro_batch=1, seq_len=2048, reduce_bucket_size=1e6)
+    assert small["bytes"]["gradient bucket (pages written)"] == 4 * 10 ** 6
     half = cpu_rank_memory(arch, world=2, micro_batch=1, seq_len=2048, dtype_bytes=2)
     assert half["bytes"]["activations"] * 2 == pytest.approx(d["bytes"]["activations"], abs=2)
     with pytest.raises(ValueError, match="dtype_bytes must be 2"):

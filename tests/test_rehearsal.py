@@ -23,5 +23,9 @@ def test_rehearsal_tiny(tmp_path):
     assert set(c["memory"]["measured_peak_rss_bytes"]) == {"0", "1"}
     assert c["snapshot"]["pass"], c["snapshot"]                # from_pretrained reproduces the logged val loss
     assert c["resume"]["pass"] and c["resume"]["straight_sha256"] == c["resume"]["resumed_sha256"], c["resume"]
+    redone = c["resume"]["redone_step"]                        # killed inside checkpoint 2: step 2 redone exactly
+    assert redone["pass"] and redone["killed_loss"] == redone["relaunch_loss"] and len(redone["killed_sha256"]) == 2
+    for m in c["muon_step"]["matrices"].values():              # the WD path: fitted decay = the logged 1 - lr wd
+        assert m["decay_fitted"] == pytest.approx(m["decay_logged"], abs=0.02), m
     assert d["distilled_steps"] == 2 and len(d["val_loss"]) == 3 and d["dtype"] == "fp32"
     assert d["ok"] and p.returncode == 0
