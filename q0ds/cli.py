@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus", type=int, default=8)
     s.add_argument("--micro-batch", type=int, default=4)
     s.add_argument("--seq-len", type=int, default=2048)
-    s.add_argument("--optimizer", default="adamw")
+    s.add_argument("--optimizer", default="muon", choices=("muon", "adamw"),
+                   help="the 1.8b preset's is muon (default); adamw for ds_configs' AdamW-only setting")
     s.add_argument("--checkpointing", action="store_true",
                    help="plan with activation checkpointing (run config train.activation_checkpointing=true)")
     s.set_defaults(fn=cmd_plan)

@@ -311,16 +311,17 @@ def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="ad
     a, pb = _arch(model), param_breakdown(model)
     N, V, g = pb["total"], a["vocab_size"], gpus
     opt = 8 * N if optimizer == "adamw" else 4 * pb["matrices"] + 8 * (N - pb["matrices"])
+    comm = 4 if optimizer == "muon" else 2    # bucket dtype = communication_data_type: fp32 with Muon (engine.py)
     logit_copies = 3 if teacher else 2       # student logits + their gradient (+ the teacher's logits)
     gathered_key = f"gathered params (<= stage3_max_live_parameters {max_live_parameters:g} x 2 B)"
     parts = {
         "student bf16 params": 2 * N / g,
         "student fp32 master": 4 * N / g,
         f"optimizer states ({optimizer})": opt / g,
-        "student bf16 grads": 2 * N / g,
+        "student fp32 grads (grad_accum_dtype fp32)": 4 * N / g,
         "teacher bf16 params": 2 * N / g if teacher else 0,
         gathered_key: min(max_live_parameters, N) * 2,
-        f"gradient bucket (reduce_bucket_size {reduce_bucket_size:g} x 2 B)": reduce_bucket_size * 2,
+        f"gradient bucket (reduce_bucket_size {reduce_bucket_size:g} x {comm} B)": reduce_bucket_size * comm,
         "activations": activation_bytes(a, micro_batch, seq_len, flash, checkpointing),
         f"bf16 logits x {logit_copies} (incl. their grad)": seq_len * micro_batch * V * 2 * logit_copies,
         "loss temporaries (chunked, measured)": MEASURED["loss_chunk_bytes"],
@@ -338,7 +339,9 @@ def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="ad
            "gpu_mem_bytes": int(gpu_mem_gb * GB), "fits": total <= gpu_mem_gb * GB,
            "max_micro_batch": max(0, int((gpu_mem_gb * GB - fixed) // per_sample)),
            "assumptions": [
-               "ZeRO-3 over the GPUs of one node (one base per node); bf16 params/grads, fp32 master",
+               "ZeRO-3 over the GPUs of one node (one base per node); bf16 params, fp32 master, fp32 gradient "
+               "partitions (ds_configs/zero3_bf16.hjson data_types.grad_accum_dtype fp32: stage3.py "
+               "grad_partitions_flat_buffer has gradient_accumulation_dtype)",
                "AdamW m,v 8 B/param; Muon: 4 B momentum on 2-D block matrices, AdamW 8 B on the rest",
                "teacher: bf16 params partitioned like the student, no optimizer state, no grads",
                f"activations: measured {MEASURED['c_h']:g} h + {MEASURED['c_I']:g} I bytes/token/layer "
@@ -347,8 +350,8 @@ def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="ad
                "logits: bf16 [s, b, V] for the student and its gradient (+ the teacher's when distilling); the "
                "chunked loss (q0ds.distill) adds one chunk of fp32 temporaries (measured)",
                "ZeRO-3 gathered params: bounded by stage3_max_live_parameters (ds_configs/zero3_bf16.hjson: 1e9)",
-               "gradient bucket: allocated whole (reduce_bucket_size elements of the gradient dtype) at start-up "
-               "(stage3.py, contiguous_gradients)",
+               "gradient bucket: allocated whole at start-up (stage3.py, contiguous_gradients), reduce_bucket_size "
+               "elements of communication_data_type: bf16 with AdamW, fp32 with Muon (q0ds sets it, engine.py)",
                f"GB = 1e9 bytes; {reserve_gb:g} GB reserved for CUDA context, NCCL buffers, fragmentation"]}
     if deepspeed_check:
         out["deepspeed"] = _deepspeed_estimate(N, pb["largest_layer"], gpus)
