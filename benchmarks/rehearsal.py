@@ -124,6 +124,9 @@ def setup(work: Path, arch: dict, seq: int, tag: str):
           # two snapshots that check_muon differences and swamp the one-step Muon update (measured: 14-23x)
           "perturb.enabled=false"]
     run = work / f"run-{tag}"
+    if run.exists():                          # a rehearsal measures from scratch (an old finished run would
+        import shutil                         # make the crash launch a no-op)
+        shutil.rmtree(run)
     cfg = load_config(None, ov, base=preset_config("1.8b", data=str(data), run_dir=str(run)))
     config = work / f"config-{tag}.json"
     save_config(cfg, config)
