@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test test-fast bench clean-runs venv gpu-check memory-probe rehearsal
+.PHONY: demo demo-results test test-fast bench clean-runs venv gpu-check memory-probe rehearsal
 
 venv: $(STAMP)
 
@@ -26,6 +26,12 @@ $(STAMP): requirements.txt setup.py
 
 demo: $(STAMP)
 	$(BIN)/q0ds demo --out runs/demo
+
+# The demo's numbers and plots as committed results (the README's demo section cites these files).
+demo-results: demo
+	sed 's|(plots/|(demo_|g' runs/demo/report.md > benchmarks/results/demo_report.md
+	cp runs/demo/report.json benchmarks/results/demo_report.json
+	for f in runs/demo/plots/*.png; do cp $$f benchmarks/results/demo_$$(basename $$f); done
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
