@@ -100,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--ensemble-sizes", type=int, nargs="+", default=None, help="M to try (default 2 4 8)")
     p.add_argument("--cycle-epochs", type=float, default=None, help="q0 cycle length (default 1)")
     p.add_argument("--tune-budget", type=float, default=None, help="budget of the LR x WD grid (default 16)")
-    p.add_argument("--tune-lrs", type=float, nargs="+", default=None, help="default 1.5e-3 3e-3 6e-3")
+    p.add_argument("--tune-lrs", type=float, nargs="+", default=None, help="default 3.75e-4 7.5e-4 1.5e-3 3e-3 6e-3")
     p.add_argument("--tune-wds", type=float, nargs="+", default=None, help="default 0.1 1.0 3.0")
     p.add_argument("--warmup-frac", type=float, default=0.05, help="baseline warmup, fraction of the run")
     p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
@@ -130,7 +130,8 @@ def parse_args(argv=None):
     a.ensemble_sizes = sorted(a.ensemble_sizes or ([2] if q else [2, 4, 8]))
     a.cycle_epochs = a.cycle_epochs or (0.5 if q else 1.0)
     a.tune_budget = a.tune_budget or (1.0 if q else 16.0)
-    a.tune_lrs = a.tune_lrs or ([3e-3] if q else [1.5e-3, 3e-3, 6e-3])
+    # 3.75e-4 and 7.5e-4 added after the first grid's best (fitness 5.081) sat at its lowest LR, 1.5e-3
+    a.tune_lrs = a.tune_lrs or ([3e-3] if q else [3.75e-4, 7.5e-4, 1.5e-3, 3e-3, 6e-3])
     a.tune_wds = a.tune_wds or ([0.1, 1.0] if q else [0.1, 1.0, 3.0])
     a.ablation_budget = a.ablation_budget or (1.0 if q else 32.0)
     a.planner_budget = (0.0 if q else 16.0) if a.planner_budget is None else a.planner_budget
