@@ -137,11 +137,11 @@ def plot(res: dict, out: Path) -> None:
     ax.set_yticks(range(len(rows)), [f"{r['label'][:60]} (n={r['delta']['n']})" for r in rows], fontsize=7)
     ax.axvline(0, color="k", lw=0.8)
     ax.invert_yaxis()
-    ax.set_xlabel("val loss minus the reference, paired by seed (nats/token; + = worse); error bar = std over seeds")
+    ax.set_xlabel("val loss minus the reference, paired by seed\n(nats/token; + = worse); error bar = std over seeds")
     ax.set_title(f"q0 ablations at {res['settings']['ablation_budget']:g} epochs", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    fig.savefig(out / "data_efficiency_ablations.png", dpi=120)
+    fig.savefig(out / "data_efficiency_ablations.png", dpi=120, bbox_inches="tight")   # long labels
     plt.close(fig)
 
 
