@@ -47,7 +47,8 @@ class Ledger:
     def fingerprint(self, run) -> str:
         if run.kind == "distill":
             src = run.depends[0]
-            return f"distill:{self.fingerprint(src)}:k{run.info['k']}:{','.join(run.info['overrides'][:1])}"
+            settings = [o for o in run.info["overrides"] if not o.startswith("run_dir=")]    # not the path
+            return f"distill:{self.fingerprint(src)}:k{run.info['k']}:{','.join(settings)}"
         return f"{run.cfg.fingerprint(exclude=('run_dir', 'monitor', 'data'))}:{self.data_fp[:16]}"
 
     def entry(self, run) -> dict | None:

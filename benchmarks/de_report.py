@@ -62,12 +62,10 @@ def run_eval(run, key: str, partial: bool = False):
         if L is not None:
             L.put(run, key, v, timing=de_jobs.read_timing(run))
         return v
-    if partial and not (L is not None and L.has(run)):
-        return _compute(run, key)
     if L is not None and L.has(run):
         raise SystemExit(f"[data_efficiency] the ledger {L.path} has run {run.name} without '{key}' and its files "
                          f"are gone: report with the settings it was recorded with, or delete its entry to retrain it")
-    return None
+    return _compute(run, key) if partial else None
 
 
 def record(args, run) -> None:

@@ -144,9 +144,8 @@ def snap_dirs(run: Path):
 
 def cpu_reduce_bucket_size() -> float:
     """ds_configs/zero3_cpu.hjson's reduce_bucket_size, else DeepSpeed's default (zero/config.py: 5e8)."""
-    import hjson
-    zc = hjson.loads((ROOT / "ds_configs" / "zero3_cpu.hjson").read_text())["zero_optimization"]
-    return float(zc.get("reduce_bucket_size", 5e8))
+    from q0ds.engine import load_ds_config
+    return float(load_ds_config("ds_configs/zero3_cpu.hjson")["zero_optimization"].get("reduce_bucket_size", 5e8))
 
 
 def check_muon(run: Path, recs: list) -> dict:
@@ -245,11 +244,11 @@ def main(argv=None) -> int:
     checks["snapshot"] = check_snapshot(ref, data, seq)
     rec_c = records(run_c)
     steps_c = {r["step"]: r["loss"] for r in rec_c if "tokens_per_s" in r}
-    sha_c = [sha256_file(s / "model.safetensors") for s in snap_dirs(run_c)]
+    sha_by_name = {s.name: sha256_file(s / "model.safetensors") for s in snap_dirs(run_c)}   # each hashed once
+    sha_c = list(sha_by_name.values())
     res = {"resumed_steps": sorted(steps_c), "snapshots": len(sha_c), "relaunch_finished":
            (run_c / "bases" / "base-00" / "done.json").exists()}
     # the step the relaunch redid (killed inside its checkpoint) against the killed launch, bit for bit
-    sha_by_name = {s.name: sha256_file(s / "model.safetensors") for s in snap_dirs(run_c)}
     redone = {"step": CRASH_AT, "killed_loss": killed["losses"].get(CRASH_AT), "relaunch_loss": steps_c.get(CRASH_AT),
               "killed_sha256": killed["sha256"], "relaunch_sha256": {k: sha_by_name.get(k) for k in killed["sha256"]}}
     redone["pass"] = (redone["killed_loss"] is not None and redone["killed_loss"] == redone["relaunch_loss"]

@@ -387,7 +387,7 @@ def cpu_rank_memory(model, world: int, micro_batch: int, seq_len: int, dtype_byt
         "grads (partition)": 4 * N / g, "teacher params (partition)": d * N / g if teacher else 0,
         "gathered params": min(max_live_parameters, N) * d,
         "gradient bucket (pages written)": min(reduce_bucket_size, N) * d,
-        "largest full gradient (before the bucket copy)": max(V * a["hidden_size"], pb["largest_layer"]) * d,
+        "largest full gradient (before the bucket copy)": pb["largest_layer"] * d,
         "activations": activation_bytes(a, micro_batch, seq_len) * d / 2,
         f"logits x {copies}": seq_len * micro_batch * V * d * copies,
         "loss temporaries (chunked, measured)": MEASURED["loss_chunk_bytes"],
