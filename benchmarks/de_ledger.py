@@ -56,17 +56,20 @@ class Ledger:
         return e if e is not None and e.get("fingerprint") == self.fingerprint(run) else None
 
     def has(self, run) -> bool:
-        return self.entry(run) is not None
+        """The run finished (an entry recorded only partially, e.g. a pool's first members, does not count)."""
+        e = self.entry(run)
+        return e is not None and e.get("complete", True)
 
     def get(self, run, key: str):
         e = self.entry(run)
         return None if e is None else e["eval"].get(key)
 
-    def put(self, run, key: str, value, timing: dict | None = None) -> None:
+    def put(self, run, key: str, value, timing: dict | None = None, complete: bool = True) -> None:
         e = self.entry(run)
         if e is None:
             e = self.doc["runs"][run.name] = {"fingerprint": self.fingerprint(run), "kind": run.kind,
                                               "commit": _commit(), "recorded_utc": _now(), "eval": {}}
+        e["complete"] = complete or e.get("complete", False)
         e["eval"][key] = value
         if timing:
             e["timing"] = timing
@@ -90,6 +93,7 @@ class Ledger:
                         self.doc["runs"][name] = e
                     elif mine.get("fingerprint") == e.get("fingerprint"):
                         mine["eval"] = {**e.get("eval", {}), **mine["eval"]}
+                        mine["complete"] = mine.get("complete", True) or e.get("complete", True)
                 self.doc["tuned"] = self.doc.get("tuned") or disk.get("tuned")
                 seen = {(x["start"], x["end"]) for x in self.doc["sessions"]}
                 self.doc["sessions"] = sorted(self.doc["sessions"] + [x for x in disk.get("sessions", [])

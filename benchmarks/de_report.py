@@ -51,21 +51,23 @@ def _compute(run, key: str):
 
 def run_eval(run, key: str, partial: bool = False):
     """One number set of a run: from the ledger when it is there, else from the run's files (and then recorded
-    in the ledger if the run is finished); None when neither has it. partial: also from an unfinished run's
-    files (a pool's first bases, a q0 run's prefix), not recorded."""
+    in the ledger); None when neither has it. partial: the caller has the files of an unfinished run (a pool's
+    first bases, a q0 run's prefix): computed from them afresh and recorded as partial, so that a report from
+    the ledger alone has the same cells."""
     L = de_jobs.LEDGER
-    v = L.get(run, key) if L is not None else None
-    if v is not None:
-        return v
-    if de_jobs.disk_complete(run):
+    if L is not None and (L.has(run) or not partial):
+        v = L.get(run, key)
+        if v is not None:
+            return v
+    if de_jobs.disk_complete(run) or partial:
         v = _compute(run, key)
         if L is not None:
-            L.put(run, key, v, timing=de_jobs.read_timing(run))
+            L.put(run, key, v, timing=de_jobs.read_timing(run), complete=de_jobs.disk_complete(run))
         return v
     if L is not None and L.has(run):
         raise SystemExit(f"[data_efficiency] the ledger {L.path} has run {run.name} without '{key}' and its files "
                          f"are gone: report with the settings it was recorded with, or delete its entry to retrain it")
-    return _compute(run, key) if partial else None
+    return None
 
 
 def record(args, run) -> None:
@@ -88,15 +90,16 @@ def collect(args, runs) -> dict:
                 out["single"].setdefault(_b(E), {})[s] = run_eval(r, "single_curve")
             for M in args.ensemble_sizes:
                 r = by.get(f"pool-L{_b(E / M)}-s{s}")
-                ok = r is not None and all(de_jobs.base_done(r, b) for b in range(M))
-                out["cells"][f"ensemble/E{_b(E)}/M{M}/s{s}"] = ok
-                if ok:
-                    out["ensemble"].setdefault(_b(E), {}).setdefault(M, {})[s] = run_eval(r, f"ensemble_M{M}", partial=True)
+                on_disk = r is not None and all(de_jobs.disk_done(r, b) for b in range(M))
+                v = run_eval(r, f"ensemble_M{M}", partial=on_disk) if r is not None else None
+                out["cells"][f"ensemble/E{_b(E)}/M{M}/s{s}"] = v is not None
+                if v is not None:
+                    out["ensemble"].setdefault(_b(E), {}).setdefault(M, {})[s] = v
         r = by[f"q0-s{s}"]
         from q0ds.snapshot import list_snapshots
-        if de_jobs.complete(r) or list_snapshots(r.run_dir):
-            out["q0"][s] = dict(run_eval(r, eval_keys(args, r)[0], partial=True))
-            out["q0"][s]["complete"] = de_jobs.complete(r)
+        c = run_eval(r, eval_keys(args, r)[0], partial=not de_jobs.complete(r) and bool(list_snapshots(r.run_dir)))
+        if c is not None:
+            out["q0"][s] = dict(c, complete=de_jobs.complete(r))
         for E in args.budgets:
             out["cells"][f"q0/E{_b(E)}/s{s}"] = s in out["q0"] and de_eval.at_epochs(out["q0"][s]["curve"], E) is not None
     for r in runs:
