@@ -44,7 +44,9 @@ def slurm_cluster():
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("slurm-data") / "embedded"
-    su.cli("prepare", "--embedded", "--out", out)
+    # the suite's small corpus (conftest.embedded_data): ~78 tiny steps per cycle instead of ~200
+    su.cli("prepare", "--embedded", "--out", out, "--vocab-size", 512, "--fitness-tokens", 2000,
+           "--val-tokens", 3000, "--max-train-tokens", 20000)
     return out
 
 
