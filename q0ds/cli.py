@@ -49,8 +49,9 @@ def cmd_prepare(a):
     a.fitness_tokens, a.val_tokens, a.max_train_tokens = sizes["fitness_tokens"], sizes["val_tokens"], sizes["max_train_tokens"]
     if a.fitness_tokens < FITNESS_TOKENS_MIN:
         print(f"warning: --fitness-tokens {a.fitness_tokens} is below {FITNESS_TOKENS_MIN}: the learned prior is fit "
-              "on this set, and with 1.5k tokens its gain over the uniform mixture was 16-26% (32 epochs) and 47-62% (64 epochs) smaller than with 3k-12k in "
-              "benchmarks/data_efficiency.py (README, fitness-set size)", file=sys.stderr)
+              "on this set, and with 1.5k tokens its gain over the uniform mixture was 16-26% (32 epochs) and "
+              "47-62% (64 epochs) smaller than with 3k-12k in benchmarks/data_efficiency.py (README, fitness-set "
+              "size)", file=sys.stderr)
     meta = prepare(a.out, input=a.input, embedded=a.embedded, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
                    fitness_tokens=a.fitness_tokens, val_tokens=a.val_tokens, max_train_tokens=a.max_train_tokens,
                    seed=a.seed, text_field=a.text_field)

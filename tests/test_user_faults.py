@@ -272,8 +272,8 @@ def test_ensemble_distill_uses_public_helpers_only():
 
 
 def test_prepare_warns_on_a_small_fitness_set(capsys, tmp_path):
-    """Issue 14: the learned prior lost 16-26% (32 epochs) and 47-62% (64) of its gain with 1.5k fitness tokens; `prepare` warns below the
-    measured floor (3000) and says nothing at the default (6000)."""
+    """Issue 14: the learned prior lost 16-26% (32 epochs) and 47-62% (64) of its gain with 1.5k fitness
+    tokens; `prepare` warns below the measured floor (3000) and says nothing at the default (6000)."""
     from q0ds.cli import FITNESS_TOKENS_MIN
     common = ["prepare", "--embedded", "--vocab-size", 512, "--max-train-tokens", 20000]
     code, _, err = q0ds(capsys, *common, "--fitness-tokens", FITNESS_TOKENS_MIN - 1000, "--out", tmp_path / "a")
