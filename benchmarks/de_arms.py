@@ -18,7 +18,7 @@ ABLATIONS = {
     "noperturb": ("no perturbation", ["perturb.enabled=false"]),
     "batchsched": ("with batch-size schedule (small 16 / peak 32)", ["train.small_batch=16"]),
     "cycles2": ("2-epoch cycles (instead of 1)", "uniform-2"),
-    "planner": ("planner allocation (warm cycle + packed)", "planner"),
+    "planner": ("packed cycles (warm cycle + short ones: the old planner)", "planner"),
 }
 
 
@@ -143,7 +143,7 @@ def build_runs(args, data, recipe: dict | None) -> list[Run]:
                     continue
                 run = Run(f"abl-{name}-E{A:g}-s{s}", "abl", s, info={"ablation": name, "label": label, "budget": A})
                 if how == "planner":
-                    lens = plan_budget(A).cycle_epochs
+                    lens = plan_budget(A, schedule="packed").cycle_epochs
                 elif isinstance(how, str):
                     lens = uniform_cycles(A, float(how.split("-")[1]))
                 else:
@@ -154,7 +154,8 @@ def build_runs(args, data, recipe: dict | None) -> list[Run]:
                 runs.append(run)
         for s in range(args.seeds if args.planner_budget else 0):          # planner vs uniform at a 2nd budget
             P = args.planner_budget
-            for name, lens in (("planner", plan_budget(P).cycle_epochs), ("uniform", uniform_cycles(P, args.cycle_epochs))):
+            for name, lens in (("planner", plan_budget(P, schedule="packed").cycle_epochs),   # the previous rule
+                               ("uniform", uniform_cycles(P, args.cycle_epochs))):
                 run = Run(f"alloc-{name}-E{P:g}-s{s}", "extra", s, info={"allocation": name, "budget": P,
                                                                          "cycle_epochs": list(lens)})
                 run.cfg = q0_cfg(args, data, work / run.name, lens, 100 * s)

@@ -61,7 +61,7 @@ def summary_text(res: dict) -> str:
                      f"{r.get('verdict', '')}")
     p = res.get("planner_vs_uniform") or {}
     if p.get("planner_minus_uniform"):
-        L.append(f"\nPlanner vs uniform cycles at {res['settings']['planner_budget']:g} epochs: planner {_fmt(p['planner'])}, "
+        L.append(f"\nPacked cycles (the old planner) vs uniform cycles at {res['settings']['planner_budget']:g} epochs: planner {_fmt(p['planner'])}, "
                  f"uniform {_fmt(p['uniform'])}, difference {_fmt(p['planner_minus_uniform'], 4)}")
     for name, d in (res.get("ensemble_distillation") or {}).items():
         L.append(f"\n{name}: distilled {_fmt(d['distilled_val_loss'])} vs mixture {_fmt(d['mixture_val_loss'])} vs best "
@@ -125,7 +125,7 @@ def plot(res: dict, out: Path) -> None:
     rows = [r for r in res.get("ablations", []) if r.get("delta")]
     p = res.get("planner_vs_uniform") or {}
     if p.get("planner_minus_uniform"):
-        rows.append({"label": f"planner - uniform 1-ep cycles at {res['settings']['planner_budget']:g} ep",
+        rows.append({"label": f"packed (old planner) - uniform 1-ep cycles at {res['settings']['planner_budget']:g} ep",
                      "delta": p["planner_minus_uniform"]})
     if not rows:
         (out / "data_efficiency_ablations.png").unlink(missing_ok=True)     # never leave a stale plot

@@ -131,7 +131,7 @@ def cmd_plan(a):
                                optimizer=a.optimizer, checkpointing=a.checkpointing)
         print(plan.format_memory_plan(mem, plan.time_plan(model=a.model, gpus=a.gpus, seq_len=a.seq_len)))
         return 0
-    alloc = plan.plan_budget(a.epochs, nodes=a.nodes)
+    alloc = plan.plan_budget(a.epochs, nodes=a.nodes, schedule=a.schedule)
     print(json.dumps(alloc.to_dict(), indent=2, default=str))
     if a.plot:
         plan.plot_allocation(alloc, a.plot)
@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="budget planner, or GPU memory plan with --memory")
     s.add_argument("--epochs", type=float, default=64)
     s.add_argument("--nodes", type=int, default=None)
+    s.add_argument("--schedule", default="uniform", choices=("uniform", "packed"),
+                   help="uniform cycles (default; measured best) or the previous packed rule (q0ds/plan.py)")
     s.add_argument("--plot", default=None)
     s.add_argument("--memory", action="store_true")
     s.add_argument("--model", default="1.8b")

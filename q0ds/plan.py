@@ -1,27 +1,22 @@
 """Planning: how to spend an epoch budget (bases x cycles x cycle length), and GPU memory/time estimates.
 
-Budget rules (method.md, "Budget allocation"). The paper's recipe table is not public; these rules are
-OUR reading of the authors' thread ("one base up to ~128 epochs, one more per doubling; small budgets
-want one base with frequent cycles packed toward the end") plus the reference code's 2-epoch cycles.
-`alternatives()` gives other allocations at the same budget so the rules can be measured, not trusted.
-
-For a budget of E epochs:
+Budget rules (method.md, "Budget allocation"). The paper's recipe table is not public. The bases rule is OUR
+reading of the authors' thread ("one base up to ~128 epochs, one more per doubling"); the cycle rule is what
+benchmarks/data_efficiency.py measured (README, ablations at 32 epochs, 3 seeds):
   1. bases B = 1 if E <= 128, else 1 + ceil(log2(E / 128))   (2 up to 256, 3 up to 512, 4 up to 1024)
   2. every base gets e = E / B epochs (the bases are identical apart from seed and data order).
-  3. the first cycle is a long "warm" segment of w = min(e / 2, 8) epochs: at small budgets a model must
-     learn before its snapshots are worth keeping, so half the budget goes to one long decay; the cap of
-     8 epochs (half the ~16-epoch saturation of a single model) makes large budgets converge to the
-     reference schedule (uniform 2-epoch cycles, the first four merged into one).
-  4. the rest, e - w, is split into n equal cycles of about l = clip((e - w) / 4, 0.25, 2) epochs,
-     n = round((e - w) / l), adjusted so every cycle lies in [0.25, 2] epochs: about 4 snapshot cycles
-     after the warm segment at small budgets, never longer than the reference 2 epochs, never shorter
-     than a quarter epoch (unless the whole rest is: then one cycle).
-  Example E=8: [4, 1, 1, 1, 1]; E=64: [8] + 28 x [2]; E=200: 2 bases x ([8] + 46 x [2]).
+  3. uniform cycles of 1 epoch while e <= 64 (measured: at 32 epochs 2-epoch cycles were worse by 0.048 +-
+     0.028 nats, and the previous rule below by 0.110 +- 0.010; 1-epoch cycles were measured up to 64
+     epochs), of 2 epochs above (the reference code's cycle length at 256 epochs; not measured here).
+  Example E=8: 8 x [1]; E=64: 64 x [1]; E=200: 2 bases x 50 x [2].
+`schedule="packed"` gives the previous rule (our reading of "small budgets want one base with frequent cycles
+packed toward the end"), kept to benchmark against: a long "warm" first cycle of min(e / 2, 8) epochs, then
+about 4 cycles of clip((e - w) / 4, 0.25, 2) epochs (E=8: [4, 1, 1, 1, 1]). It lost to uniform 1-epoch
+cycles at 32 epochs (+0.110 +- 0.010, 3 seeds) and at 16 (benchmarks/results/data_efficiency.json,
+planner_vs_uniform).
 Cycle lengths are in epochs; the trainer rounds them to optimizer steps. A base runs on one node; with
-`nodes` < B the bases run in ceil(B / nodes) waves (wall time ~ waves x one base).
-Caveats: the warm cycle is cycle 0, so `distill.start_cycle` (counted in cycles) starts later in epochs
-than with uniform cycles; and a packed schedule depends on the budget, so one long run does not give
-every smaller budget as a prefix (uniform cycles do) -- `alternatives()` includes uniform schedules.
+`nodes` < B the bases run in ceil(B / nodes) waves (wall time ~ waves x one base). Uniform cycles make one
+long run give every smaller budget as a prefix; a packed schedule depends on the budget.
 """
 from __future__ import annotations
 
@@ -119,7 +114,7 @@ def bases_for(epochs: float, base_epochs: float = 128.0) -> int:
 
 def packed_cycles(e: float, warm_fraction=0.5, warm_epochs_max=8.0, min_after_warm=4,
                   cycle_epochs_min=0.25, cycle_epochs_max=2.0) -> list[float]:
-    """Rules 3-4: one long warm cycle, then ~equal short cycles (sum == e)."""
+    """The previous rule (schedule="packed"): one long warm cycle, then ~equal short cycles (sum == e)."""
     if e <= 0:
         raise ValueError(f"epochs per base must be > 0, got {e}")
     warm = min(warm_fraction * e, warm_epochs_max)
@@ -136,32 +131,38 @@ def uniform_cycles(e: float, length: float) -> list[float]:
     return [e / n] * n
 
 
-def plan_budget(epochs: float, nodes: int | None = None, *, bases: int | None = None,
-                cycle_epochs_min: float = 0.25, cycle_epochs_max: float = 2.0,
-                warm_fraction: float = 0.5, warm_epochs_max: float = 8.0, base_epochs: float = 128.0,
-                name: str = "planner") -> Allocation:
+def uniform_length(e: float, short: float = 1.0, long: float = 2.0, long_above: float = 64.0) -> float:
+    """Rule 3: the cycle length for e epochs per base."""
+    return short if e <= long_above else long
+
+
+def plan_budget(epochs: float, nodes: int | None = None, *, bases: int | None = None, schedule: str = "uniform",
+                base_epochs: float = 128.0, name: str = "planner") -> Allocation:
     """The planner's allocation for a budget of `epochs` (rules in the module docstring)."""
     if not epochs > 0:
         raise ValueError(f"--epochs must be > 0, got {epochs}")
     if nodes is not None and nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {nodes}")
     B = bases or bases_for(epochs, base_epochs)
-    lens = packed_cycles(epochs / B, warm_fraction, warm_epochs_max, 4, cycle_epochs_min, cycle_epochs_max)
-    rule = (f"bases: 1 up to {base_epochs:g} epochs, +1 per doubling; per base: warm cycle "
-            f"min({warm_fraction:g} x e, {warm_epochs_max:g}), then cycles of "
-            f"clip(rest/4, {cycle_epochs_min:g}, {cycle_epochs_max:g}) epochs")
+    e = epochs / B
+    bases_rule = f"bases: 1 up to {base_epochs:g} epochs, +1 per doubling; per base: "
+    if schedule == "uniform":
+        lens, rule = uniform_cycles(e, uniform_length(e)), bases_rule + "uniform 1-epoch cycles up to 64 epochs, 2 above"
+    elif schedule == "packed":
+        lens = packed_cycles(e)
+        rule = bases_rule + "warm cycle min(0.5 x e, 8), then cycles of clip(rest/4, 0.25, 2) epochs"
+    else:
+        raise ValueError(f"schedule must be 'uniform' or 'packed', got {schedule!r}")
     return Allocation(name, float(epochs), B, tuple(lens), nodes, rule)
 
 
 def alternatives(epochs: float, nodes: int | None = None) -> list[Allocation]:
     """Other allocations at the same budget, to benchmark the planner's choice against."""
     p = plan_budget(epochs, nodes)
-    short = p.cycle_epochs[-1]
     alts = [
         Allocation("1base-uniform-2ep", epochs, 1, tuple(uniform_cycles(epochs, 2.0)), nodes,
                    "reference schedule: one base, uniform 2-epoch cycles"),
-        Allocation("1base-uniform-short", epochs, 1, tuple(uniform_cycles(epochs, short)), nodes,
-                   f"one base, uniform {short:g}-epoch cycles (frequent cycles, no warm packing)"),
+        plan_budget(epochs, nodes, schedule="packed", name="packed"),
         plan_budget(epochs, nodes, bases=4 * p.bases, name="many-bases"),
         plan_budget(epochs, nodes, bases=p.bases + 1, name="planner+1base"),
     ]

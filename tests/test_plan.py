@@ -21,14 +21,21 @@ def test_one_more_base_per_doubling(epochs, bases):
 
 
 @pytest.mark.parametrize("epochs", BUDGETS)
-def test_total_equals_budget_and_lengths_are_sane(epochs):
-    a = plan_budget(epochs)
+@pytest.mark.parametrize("schedule", ["uniform", "packed"])
+def test_total_equals_budget_and_lengths_are_sane(epochs, schedule):
+    a = plan_budget(epochs, schedule=schedule)
     assert math.isclose(a.total_epochs, epochs, rel_tol=1e-12)
-    assert a.cycles == len(a.cycle_epochs) >= 2
+    assert a.cycles == len(a.cycle_epochs) >= (2 if schedule == "packed" else 1)
     assert all(x > 0 for x in a.cycle_epochs)
-    assert max(a.cycle_epochs[1:]) <= 2.0 + 1e-12                 # never longer than the ref-code cycle
-    assert epochs < 1 or min(a.cycle_epochs[1:]) >= 0.25 - 1e-12
-    assert a.cycle_epochs[0] <= 8.0 + 1e-12
+    if schedule == "uniform":                                     # 1 epoch up to 64 per base, 2 above, rounded
+        e, L = epochs / a.bases, a.cycle_epochs[0]
+        target = 1.0 if e <= 64 else 2.0
+        assert max(a.cycle_epochs) - min(a.cycle_epochs) < 1e-12
+        assert (L == e < target) or abs(L - target) <= target / (2 * a.cycles) + 1e-12, (e, L)
+    else:
+        assert max(a.cycle_epochs[1:]) <= 2.0 + 1e-12              # never longer than the ref-code cycle
+        assert epochs < 1 or min(a.cycle_epochs[1:]) >= 0.25 - 1e-12
+        assert a.cycle_epochs[0] <= 8.0 + 1e-12
     ov = a.run_overrides()
     assert ov["bases"] == a.bases and ov["schedule.cycles"] == a.cycles
     lens = ov["schedule.cycle_epochs"]
@@ -38,18 +45,27 @@ def test_total_equals_budget_and_lengths_are_sane(epochs):
         assert math.isclose(b.total_epochs, epochs, rel_tol=1e-12)
 
 
-def test_small_budget_packs_cycles_toward_the_end():
-    a = plan_budget(8)
+def test_uniform_cycles_by_default_and_the_packed_rule_on_request():
+    """Issue 14: the packed rule lost to uniform 1-epoch cycles at 16 and 32 epochs (3 seeds), so the default
+    is uniform cycles: 1 epoch up to 64 epochs per base, 2 above (the reference's length)."""
+    for e, n, length in ((8, 8, 1.0), (16, 16, 1.0), (64, 64, 1.0), (100, 50, 2.0), (0.5, 1, 0.5)):
+        a = plan_budget(e)
+        assert a.bases == 1 and a.cycles == n and set(a.cycle_epochs) == {length}, (e, a.cycle_epochs)
+    assert plan_budget(8).run_overrides() == {"bases": 1, "schedule.cycles": 8, "schedule.cycle_epochs": 1.0}
+    assert plan_budget(200).bases == 2 and plan_budget(200).cycle_epochs == (2.0,) * 50
+    a = plan_budget(8, schedule="packed")
     assert a.bases == 1 and list(a.cycle_epochs) == [4.0, 1.0, 1.0, 1.0, 1.0]
     assert a.run_overrides() == {"bases": 1, "schedule.cycles": 5,
                                  "schedule.cycle_epochs": [4.0, 1.0, 1.0, 1.0, 1.0]}
     for e in (1, 2, 4, 8, 16):                         # half the budget warm, then >= 4 short cycles
-        lens = plan_budget(e).cycle_epochs
+        lens = plan_budget(e, schedule="packed").cycle_epochs
         assert lens[0] == e / 2 and all(x < lens[0] for x in lens[1:])
         ends = [sum(lens[:i + 1]) for i in range(len(lens))]
         assert all(x >= e / 2 for x in ends)           # every snapshot lands in the second half
-    big = plan_budget(64).cycle_epochs                 # large budgets: the reference 2-epoch cycles
+    big = plan_budget(64, schedule="packed").cycle_epochs
     assert big[0] == 8 and set(big[1:]) == {2.0} and len(big) == 29
+    with pytest.raises(ValueError, match="schedule"):
+        plan_budget(8, schedule="warm")
 
 
 def test_waves_overrides_and_alternatives():
@@ -57,11 +73,11 @@ def test_waves_overrides_and_alternatives():
     assert a.bases == 3 and a.waves == 2 and "2 wave(s)" in a.summary()
     assert plan_budget(400, nodes=4).waves == 1 and "1 node(s) idle" in plan_budget(400, nodes=4).summary()
     assert plan_budget(400).waves == 1
-    assert a.override_args()[:2] == ["bases=3", "schedule.cycles=64"]
+    assert a.override_args() == ["bases=3", "schedule.cycles=67", f"schedule.cycle_epochs={round(400 / 3 / 67, 9)!r}"]
     assert plan_budget(60, bases=3).bases == 3
     alts = alternatives(8)
     names = [x.name for x in alts]
-    assert "1base-uniform-2ep" in names and "many-bases" in names
+    assert "1base-uniform-2ep" in names and "many-bases" in names and "packed" in names
     ref = next(x for x in alts if x.name == "1base-uniform-2ep")
     assert ref.run_overrides()["schedule.cycle_epochs"] == 2.0 and ref.cycles == 4
     keys = {(x.bases, x.cycle_epochs) for x in alts}
@@ -75,7 +91,7 @@ def test_waves_overrides_and_alternatives():
 def test_lr_curve_and_plot(tmp_path):
     assert _lr_mult(0, 10) == 1.0
     assert math.isclose(_lr_mult(5, 10), 0.08 + 0.92 * 0.5)
-    xs, ys, ends = lr_curve(plan_budget(8))
+    xs, ys, ends = lr_curve(plan_budget(8, schedule="packed"))
     assert ends == [4.0, 5.0, 6.0, 7.0, 8.0] and max(ys) == 1.0 and min(ys) > 0.08
     assert xs == sorted(xs) and xs[-1] == 8.0
     path = tmp_path / "alloc.png"
