@@ -61,8 +61,9 @@ def summary_text(res: dict) -> str:
                      f"{r.get('verdict', '')}")
     p = res.get("planner_vs_uniform") or {}
     if p.get("planner_minus_uniform"):
-        L.append(f"\nPacked cycles (the old planner) vs uniform cycles at {res['settings']['planner_budget']:g} epochs: planner {_fmt(p['planner'])}, "
-                 f"uniform {_fmt(p['uniform'])}, difference {_fmt(p['planner_minus_uniform'], 4)}")
+        L.append(f"\nPacked cycles (the old planner) vs uniform cycles at {res['settings']['planner_budget']:g} epochs: "
+                 f"packed {_fmt(p['planner'])}, uniform {_fmt(p['uniform'])}, "
+                 f"difference {_fmt(p['planner_minus_uniform'], 4)}")
     for name, d in (res.get("ensemble_distillation") or {}).items():
         L.append(f"\n{name}: distilled {_fmt(d['distilled_val_loss'])} vs mixture {_fmt(d['mixture_val_loss'])} vs best "
                  f"member {_fmt(d['best_member_val_loss'])}; gain retained {_fmt(d['fraction_retained'], 2)}")
