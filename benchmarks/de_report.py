@@ -211,8 +211,8 @@ def ablation_rows(args, cells) -> list[dict]:
     A = args.ablation_budget
     pre = {s: de_eval.at_epochs(c["curve"], A) for s, c in cells["q0"].items()}
     diff = {s: pre[s]["val_loss"] - ref[s]["val_loss"] for s in ref if pre.get(s)}
-    rows.append({"name": "prefix_vs_planned", "label": f"prefix of the {max(args.budgets):g}-epoch q0 run at {A:g} "
-                 "epochs minus the run planned for it", "val_loss": None, "delta": spread(diff.values()),
+    rows.append({"name": "prefix_vs_planned", "label": f"{A:g}-epoch prefix of the {max(args.budgets):g}-epoch q0 run "
+                 "(vs a run planned for it)", "val_loss": None, "delta": spread(diff.values()),
                  "delta_per_seed": diff, "n": len(diff), "verdict": "-"})
     return rows
 
