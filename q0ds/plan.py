@@ -147,7 +147,8 @@ def plan_budget(epochs: float, nodes: int | None = None, *, bases: int | None = 
     e = epochs / B
     bases_rule = f"bases: 1 up to {base_epochs:g} epochs, +1 per doubling; per base: "
     if schedule == "uniform":
-        lens, rule = uniform_cycles(e, uniform_length(e)), bases_rule + "uniform 1-epoch cycles up to 64 epochs, 2 above"
+        lens = uniform_cycles(e, uniform_length(e))
+        rule = bases_rule + "uniform 1-epoch cycles up to 64 epochs, 2 above"
     elif schedule == "packed":
         lens = packed_cycles(e)
         rule = bases_rule + "warm cycle min(0.5 x e, 8), then cycles of clip(rest/4, 0.25, 2) epochs"
