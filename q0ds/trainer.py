@@ -151,8 +151,12 @@ class BaseTrainer:
         self.rank, self.world, self.local_rank = E.setup_distributed()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         if not torch.cuda.is_available():
-            # Q0DS_THREADS lets `q0ds run` share the cores between bases trained side by side
-            torch.set_num_threads(int(os.environ.get("Q0DS_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local_world))
+            # Q0DS_THREADS lets `q0ds run` share the cores between bases trained side by side; then the thread
+            # count the launcher or the SLURM script set (q0_bases.sh: SLURM_CPUS_PER_TASK / ranks). Ignoring
+            # OMP_NUM_THREADS made two 1-CPU array tasks on a 2-core node run 2 OpenMP threads each: libgomp's
+            # spinning barriers then made every tiny step 15-20x slower (0.1 s alone, 1.6-2 s side by side).
+            threads = int(os.environ.get("Q0DS_THREADS", 0) or os.environ.get("OMP_NUM_THREADS", 0) or 0)
+            torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
         elif not os.environ.get("OMP_NUM_THREADS"):
             # GPU node outside SLURM: the deepspeed launcher sets no thread count (launcher/launch.py main(), only
             # with --bind_cores_to_rank), so 8 ranks would each use every core for host work (hashing, scoring)

@@ -44,9 +44,9 @@ def slurm_cluster():
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("slurm-data") / "embedded"
-    # the suite's small corpus (conftest.embedded_data): ~78 tiny steps per cycle instead of ~200
-    su.cli("prepare", "--embedded", "--out", out, "--vocab-size", 512, "--fitness-tokens", 2000,
-           "--val-tokens", 3000, "--max-train-tokens", 20000)
+    # the whole corpus (~200 tiny steps per cycle): the pre-emption tests need a base that is still training
+    # a few seconds after its first 10 steps; the submit test sets schedule.cycle_steps instead
+    su.cli("prepare", "--embedded", "--out", out)
     return out
 
 
@@ -125,7 +125,7 @@ def test_prior_names_bases_without_snapshots(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_submit_trains_all_bases_then_prior(slurm_cluster, tiny_data, tmp_path):
     """submit.sh: a 2-task array on CPU ranks, then the afterok prior job; snapshots and prior.json."""
-    config, run_dir = su.make_tiny_config(tiny_data, tmp_path, "bases=2", "schedule.cycles=2")
+    config, run_dir = su.make_tiny_config(tiny_data, tmp_path, "bases=2", "schedule.cycles=2", "schedule.cycle_steps=20")
     p = su.run(["bash", SUBMIT, config], env=su.job_env())
     bases_job, prior_job = p.stdout.split()
     su.wait_finished([bases_job, prior_job], 15 * 60, run_dir / "logs")
