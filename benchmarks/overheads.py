@@ -551,7 +551,8 @@ def main(argv=None):
     E.setup_distributed()
     if args.threads:
         os.environ["Q0DS_THREADS"] = str(args.threads)
-    torch.set_num_threads(int(os.environ.get("Q0DS_THREADS", 0)) or max(1, os.cpu_count() or 1))  # as BaseTrainer
+    from q0ds.trainer import cpu_threads
+    torch.set_num_threads(cpu_threads())                      # as BaseTrainer
     data = PreparedData.open(data_dir)
     print(f"overheads: preset {args.preset}, seq {cfg.train.seq_len}, batch {cfg.train.global_batch} "
           f"(micro {cfg.train.micro_batch}), {torch.get_num_threads()} threads", flush=True)

@@ -144,6 +144,12 @@ def _diff(a, b, prefix=""):
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def cpu_threads(local_world: int = 1) -> int:
+    """Torch threads of a CPU rank: Q0DS_THREADS, else OMP_NUM_THREADS, else the cores shared by the ranks."""
+    threads = int(os.environ.get("Q0DS_THREADS", 0) or os.environ.get("OMP_NUM_THREADS", 0) or 0)
+    return threads or max(1, (os.cpu_count() or 1) // local_world)
+
+
 class BaseTrainer:
     def __init__(self, cfg: RunConfig, base: int):
         self.cfg, self.base = cfg, base
@@ -155,8 +161,7 @@ class BaseTrainer:
             # count the launcher or the SLURM script set (q0_bases.sh: SLURM_CPUS_PER_TASK / ranks). Ignoring
             # OMP_NUM_THREADS made two 1-CPU array tasks on a 2-core node run 2 OpenMP threads each: libgomp's
             # spinning barriers then made every tiny step 15-20x slower (0.1 s alone, 1.6-2 s side by side).
-            threads = int(os.environ.get("Q0DS_THREADS", 0) or os.environ.get("OMP_NUM_THREADS", 0) or 0)
-            torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+            torch.set_num_threads(cpu_threads(local_world))
         elif not os.environ.get("OMP_NUM_THREADS"):
             # GPU node outside SLURM: the deepspeed launcher sets no thread count (launcher/launch.py main(), only
             # with --bind_cores_to_rank), so 8 ranks would each use every core for host work (hashing, scoring)
