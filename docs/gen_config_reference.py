@@ -75,10 +75,16 @@ def config_keys(cls=RunConfig, prefix="") -> list:
     return rows
 
 
+def _cell(text: str) -> str:
+    """A table cell: `|` would split it; `<` outside code spans would start an HTML tag."""
+    parts = text.replace("|", "/").split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
+
+
 def render() -> str:
     lines = [BEGIN, "| key | type | default | meaning |", "|---|---|---|---|"]
     for key, tp, default, meaning in config_keys():
-        lines.append(f"| `{key}` | {tp} | `{default}` | {meaning.replace('|', '/').replace('<', '&lt;')} |")
+        lines.append(f"| `{key}` | {tp} | `{default}` | {_cell(meaning)} |")
     lines.append(END)
     return "\n".join(lines)
 
