@@ -293,6 +293,12 @@ def report(args, data, runs, argv, failed, t_start) -> dict:
     plot(res, out)
     (out / "data_efficiency.md").write_text(markdown(res))
     print("\n" + summary_text(res))
+    from benchmarks import de_honest
+    if res["cells_complete"] == res["cells_planned"] and de_honest.applies(res["settings"]):
+        de_honest.write(out, out / "data_efficiency_ledger.json", out / "data_efficiency.json")
+        print(f"[data_efficiency] wrote {out / 'data_efficiency_honest.md'} (benchmarks/de_honest.py)", flush=True)
+    else:
+        print("[data_efficiency] benchmarks/de_honest.py needs the full benchmark's cells: skipped", flush=True)
     print(f"[data_efficiency] {res['cells_complete']}/{res['cells_planned']} cells complete; wrote "
           f"{out / 'data_efficiency.json'}", flush=True)
     return res
