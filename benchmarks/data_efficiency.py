@@ -9,7 +9,8 @@ several seeds, on CPU. Resumable at the granularity of one base (one deepspeed j
 
 Setting (cpu-scale.md): the `small` preset (Qwen3, hidden 128, 2 layers, 0.95M params, seq 128, batch 32) on
 the embedded corpus (CPython docs, BPE 2048), train cut to ~55k tokens (whole documents) so a single model
-saturates inside the budgets; a 12k-token fitness set (so the prior can be refitted on sub-sets of it).
+saturates inside the budgets; --fitness-tokens 12000, which whole documents make 16,169 tokens (31% of the
+51,802 train tokens; the paper: 0.13%), so the prior can be refitted on sub-sets of it.
 Runs (benchmarks/de_arms.py), all through the real deepspeed launcher:
   tune    the single-model recipe: LR x WD grid (heavy WD included) at --tune-budget epochs, seed 0; the recipe
           with the lowest FITNESS-set loss (at its best epoch on fitness) is used by every baseline below.

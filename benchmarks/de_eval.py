@@ -93,8 +93,8 @@ def q0_curve(run_dir, detail_epochs=(), fitness_sizes=()) -> dict:
     for c in sorted({m["cycle"] for m in metas}):
         sel = [i for i, m in enumerate(metas) if m["cycle"] <= c]
         w, val = _fit(F[sel], V[sel])
-        ep = sum(lens[:c + 1])                 # nominal; the trainer rounds cycles to whole steps (same for
-        row = {"cycle": c, "epochs": ep,       # every arm: 13 steps of 13.3 per epoch here), see epochs_actual
+        ep = sum(lens[:c + 1])                 # nominal; the trainer rounds cycles to whole steps (13 steps
+        row = {"cycle": c, "epochs": ep,       # of 12.66 per 1-epoch cycle here: 1.027 epochs), see epochs_actual
                "epochs_actual": max(metas[i]["epoch"] for i in sel), "members": len(sel), "val_loss": val,
                "uniform_val_loss": mixture_nll(V[sel], [1.0 / len(sel)] * len(sel)),
                "last_snapshot_val_loss": _nll(V[sel[-1]])}

@@ -277,8 +277,9 @@ def report(args, data, runs, argv, failed, t_start) -> dict:
         "report_time_s": round(time.time() - t_start, 1),
         "notes": [
             "val loss = mean NLL (nats/token) on the held-out val split, the same tokens for every arm.",
-            "epochs are nominal (budget units); the trainer rounds each cycle/epoch to whole steps (13 of 13.3 per "
-            "epoch here), the same way for every arm.",
+            "epochs are nominal (budget units); the trainer rounds each cycle/epoch to whole steps: 13 steps of 12.66 "
+            "per epoch for q0 and the single model (1.027 actual epochs), ensemble members 0.99-1.01; "
+            "benchmarks/de_honest.py recomputes every ratio in actual epochs.",
             "single: best epoch chosen on validation (oracle, in its favour); ensemble: best M chosen on validation "
             "by seed-mean (in its favour); q0: weighted all-member mixture, prior fitted on the fitness set.",
             "q0 at budget E = the first E epochs of one long run per seed (prior refitted on them); it differs from "
