@@ -64,7 +64,10 @@ def prepare_data(args) -> Path:
         print(f"[data_efficiency] preparing the embedded corpus in {data} (vocab {args.vocab}, fitness "
               f"{args.fitness_tokens}, train <= {args.train_tokens} tokens)", flush=True)
         kw = dict(fitness_tokens=2000, val_tokens=3000) if args.quick else dict(fitness_tokens=args.fitness_tokens)
-        prepare(data, embedded=True, vocab_size=args.vocab, max_train_tokens=args.train_tokens, **kw)
+        # a test split from the documents the train cut leaves over: the other splits and the data fingerprint
+        # (so every ledger entry) are unchanged; scored with every snapshot, read by no decision
+        prepare(data, embedded=True, vocab_size=args.vocab, max_train_tokens=args.train_tokens,
+                test_tokens=args.test_tokens, **kw)
     PreparedData.open(data)
     return data.resolve()
 
@@ -115,6 +118,7 @@ def parse_args(argv=None):
     p.add_argument("--train-tokens", type=int, default=None, help="max train tokens (default 55000)")
     p.add_argument("--fitness-tokens", type=int, default=12000)
     p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--test-tokens", type=int, default=None, help="test split size (default 12000; quick 1000)")
     p.add_argument("--data", default=None, help="use this prepared data dir instead of preparing one")
     p.add_argument("--parallel", type=int, default=2, help="base jobs side by side")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
@@ -139,6 +143,7 @@ def parse_args(argv=None):
     a.distill_seeds = (0 if q else 2) if a.distill_seeds is None else a.distill_seeds
     a.preset = a.preset or ("tiny" if q else "small")
     a.train_tokens = a.train_tokens or (12000 if q else 55000)
+    a.test_tokens = (1000 if q else 12000) if a.test_tokens is None else a.test_tokens
     if q:
         a.vocab = min(a.vocab, 512)
     if not 0 < a.warmup_frac < 1:
