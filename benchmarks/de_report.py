@@ -33,6 +33,9 @@ def eval_keys(args, run) -> list[str]:
                 + ",".join(map(str, FITNESS_SIZES))]
     if run.kind in ("abl", "extra"):
         return [f"q0_curve|{_b(run.info['budget'])}|"]
+    if run.kind in ("tuneE", "sfit", "pfit"):
+        from benchmarks.de_honest_arms import eval_keys as honest_keys
+        return honest_keys(run)
     return ["distill_report"]
 
 
@@ -41,6 +44,10 @@ def _compute(run, key: str):
         return de_eval.single_curve(run.run_dir)
     if key.startswith("ensemble_M"):
         return de_eval.ensemble_of_first(run.run_dir, int(key[len("ensemble_M"):]))
+    if key.startswith("ensemble_fitstop_M"):
+        return de_eval.ensemble_fitness_stopped(run.run_dir, int(key[len("ensemble_fitstop_M"):]))
+    if key == "temperature":
+        return de_eval.temperature_calibrated(run.run_dir)
     if key.startswith("q0_curve|"):
         _, detail, sizes = key.split("|")
         return de_eval.q0_curve(run.run_dir, [float(x) for x in detail.split(",") if x],
@@ -266,6 +273,8 @@ def report(args, data, runs, argv, failed, t_start) -> dict:
         "failed_jobs": [{"run": k, "base": b, "exit": rc} for k, b, rc in failed],
         "table": summ["table"], "epochs_to_match": summ["epochs_to_match"],
         "ablations": ablation_rows(args, cells) if args.ablations else [],
+        **({"honest_arms": __import__("benchmarks.de_honest_arms", fromlist=["summary"]).summary(args, runs)}
+           if getattr(args, "honest_arms", False) else {}),
         "planner_vs_uniform": planner_rows(cells),
         "ensemble_distillation": distill_rows(cells),
         "single_curves": {b: {s: v["curve"] for s, v in d.items()} for b, d in cells["single"].items()},
