@@ -9,7 +9,8 @@ several seeds, on CPU. Resumable at the granularity of one base (one deepspeed j
 
 Setting (cpu-scale.md): the `small` preset (Qwen3, hidden 128, 2 layers, 0.95M params, seq 128, batch 32) on
 the embedded corpus (CPython docs, BPE 2048), train cut to ~55k tokens (whole documents) so a single model
-saturates inside the budgets; a 12k-token fitness set (so the prior can be refitted on sub-sets of it).
+saturates inside the budgets; --fitness-tokens 12000, which whole documents make 16,169 tokens (31% of the
+51,802 train tokens; the paper: 0.13%), so the prior can be refitted on sub-sets of it.
 Runs (benchmarks/de_arms.py), all through the real deepspeed launcher:
   tune    the single-model recipe: LR x WD grid (heavy WD included) at --tune-budget epochs, seed 0; the recipe
           with the lowest FITNESS-set loss (at its best epoch on fitness) is used by every baseline below.
@@ -63,7 +64,10 @@ def prepare_data(args) -> Path:
         print(f"[data_efficiency] preparing the embedded corpus in {data} (vocab {args.vocab}, fitness "
               f"{args.fitness_tokens}, train <= {args.train_tokens} tokens)", flush=True)
         kw = dict(fitness_tokens=2000, val_tokens=3000) if args.quick else dict(fitness_tokens=args.fitness_tokens)
-        prepare(data, embedded=True, vocab_size=args.vocab, max_train_tokens=args.train_tokens, **kw)
+        # a test split from the documents the train cut leaves over: the other splits and the data fingerprint
+        # (so every ledger entry) are unchanged; scored with every snapshot, read by no decision
+        prepare(data, embedded=True, vocab_size=args.vocab, max_train_tokens=args.train_tokens,
+                test_tokens=args.test_tokens, **kw)
     PreparedData.open(data)
     return data.resolve()
 
@@ -108,12 +112,17 @@ def parse_args(argv=None):
     p.add_argument("--ablation-arms", default="all", help=f"comma-separated subset of {','.join(de_arms.ABLATIONS)}")
     p.add_argument("--distill-seeds", type=int, default=None, help="ensemble-distillation seeds (default 2)")
     p.add_argument("--planner-budget", type=float, default=None, help="planner vs uniform here (default 16; 0 = off)")
+    p.add_argument("--honest-arms", action="store_true", help="add issue 20's arms (benchmarks/de_honest_arms.py): "
+                   "an LR x WD grid at every budget, fitness-chosen single models (+ temperature), fitness-stopped members")
+    p.add_argument("--honest-lrs", type=float, nargs="+", default=None, help="default 7.5e-4 1.5e-3 3e-3")
+    p.add_argument("--honest-wds", type=float, nargs="+", default=None, help="default 0.01 0.1 1.0 3.0")
     p.add_argument("--early-budget-max", type=float, default=32.0, help="budgets above this run last")
     p.add_argument("--preset", default=None, help="model/run preset (default small)")
     p.add_argument("--override", dest="overrides", action="append", default=[], help="run-config key=value (all runs)")
     p.add_argument("--train-tokens", type=int, default=None, help="max train tokens (default 55000)")
     p.add_argument("--fitness-tokens", type=int, default=12000)
     p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--test-tokens", type=int, default=None, help="test split size (default 12000; quick 1000)")
     p.add_argument("--data", default=None, help="use this prepared data dir instead of preparing one")
     p.add_argument("--parallel", type=int, default=2, help="base jobs side by side")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
@@ -138,6 +147,10 @@ def parse_args(argv=None):
     a.distill_seeds = (0 if q else 2) if a.distill_seeds is None else a.distill_seeds
     a.preset = a.preset or ("tiny" if q else "small")
     a.train_tokens = a.train_tokens or (12000 if q else 55000)
+    a.test_tokens = (1000 if q else 12000) if a.test_tokens is None else a.test_tokens
+    from benchmarks.de_honest_arms import LRS, WDS
+    a.honest_lrs = a.honest_lrs or ([3e-3] if q else list(LRS))
+    a.honest_wds = a.honest_wds or ([0.1, 1.0] if q else list(WDS))
     if q:
         a.vocab = min(a.vocab, 512)
     if not 0 < a.warmup_frac < 1:
@@ -159,7 +172,7 @@ def main(argv=None) -> int:
     from benchmarks.de_ledger import Ledger
     from q0ds.data import PreparedData
     de_jobs.LEDGER = Ledger(Path(args.out) / "data_efficiency_ledger.json", PreparedData.open(data).fingerprint)
-    state = {"recipe": None, "runs": None}
+    state = {"recipe": None, "runs": None, "honest": []}
 
     def get_runs():
         if state["runs"] is None or state["recipe"] is None:
@@ -168,13 +181,22 @@ def main(argv=None) -> int:
                 state["recipe"] = recipe
                 state["runs"] = de_arms.build_runs(args, data, recipe)
                 de_arms.write_configs(state["runs"])
-        return state["runs"]
+        if args.honest_arms:                  # issue 20's arms: a budget's arms join when its grid is finished
+            from benchmarks import de_honest_arms
+            honest = de_honest_arms.build(args, data)
+            if [r.name for r in honest] != [r.name for r in state["honest"]]:
+                de_arms.write_configs(honest)
+                state["honest"] = honest
+        return state["runs"] + state["honest"]
 
     runs = get_runs() if not args.plan_only else de_arms.build_runs(args, data, select_recipe(
         args, de_arms.build_runs(args, data, None)) or {"lr": args.tune_lrs[0], "wd": args.tune_wds[0]})
     print(f"[data_efficiency] {len(runs)} runs; work {work}" + ("" if state["recipe"] or args.plan_only else
           " (baselines join when the tuning grid is done)"), flush=True)
     if args.plan_only:
+        if args.honest_arms:
+            from benchmarks import de_honest_arms
+            runs = runs + de_honest_arms.build(args, data, assume=runs[-1].cfg and {"lr": 1.5e-3, "wd": 0.1})
         total = 0.0
         for r in sorted(runs, key=lambda r: (r.tier, r.name)):
             c = de_jobs.run_cost(r) * r.cfg.bases

@@ -8,6 +8,7 @@ cached in <run>/bench_result.json keyed by the number of finished snapshots.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from benchmarks.common import write_json
@@ -57,6 +58,75 @@ def ensemble_of_first(run_dir, M: int) -> dict:
             "member_val_losses": [_nll(V[i]) for i in idx], "epochs": sum(metas[i]["epoch"] for i in idx)}
 
 
+def ensemble_fitness_stopped(run_dir, M: int) -> dict:
+    """Probability average of bases 0..M-1, each at its snapshot with the lowest FITNESS loss (members stopped at
+    their best epoch on fitness, not at their last snapshot); val (and test, when scored) only reported."""
+    from q0ds.prior import mixture_nll
+    from q0ds.snapshot import list_snapshots, load_scores, read_meta
+    metas, F, V = _scores(run_dir, bases=set(range(M)))
+    best = {}
+    for i, m in enumerate(metas):
+        f = _nll(F[i])
+        if m["base"] not in best or f < best[m["base"]][1]:
+            best[m["base"]] = (i, f)
+    idx = [best[b][0] for b in sorted(best)]
+    assert len(idx) == M, (run_dir, M, sorted(best))
+    out = {"val_loss": mixture_nll(V[idx], [1.0 / M] * M), "fitness_loss": mixture_nll(F[idx], [1.0 / M] * M),
+           "member_epochs_chosen": [metas[i]["epoch"] for i in idx],
+           "epochs": sum(max(m["epoch"] for m in metas if m["base"] == b) for b in best)}
+    snaps = [s for s in list_snapshots(run_dir) if read_meta(s)["base"] in set(range(M))]
+    if all((snaps[i] / "test.safetensors").is_file() for i in idx):
+        out["test_loss"] = mixture_nll(torch_stack([load_scores(snaps[i], "test") for i in idx]), [1.0 / M] * M)
+    return out
+
+
+def torch_stack(xs):
+    import torch
+    return torch.stack(xs)
+
+
+def temperature_calibrated(run_dir) -> dict:
+    """The single model at its best FITNESS epoch with one softmax temperature fitted on the fitness set
+    (minimises fitness NLL of softmax(z / T)); val (and test) NLL at that T. Loads the snapshot's weights."""
+    import torch
+    from scipy.optimize import minimize_scalar
+    from transformers import AutoModelForCausalLM
+    from q0ds.data import PreparedData
+    from q0ds.snapshot import list_snapshots, read_meta
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    snaps = list_snapshots(run_dir)
+    from q0ds.snapshot import load_scores
+    fit = [_nll(load_scores(s, "fitness")) for s in snaps]
+    snap = snaps[min(range(len(snaps)), key=fit.__getitem__)]
+    data = PreparedData.open(cfg["data"])
+    model = AutoModelForCausalLM.from_pretrained(snap, local_files_only=True).eval()
+
+    def logits(split):
+        w, mask = data.eval_windows(split, cfg["train"]["seq_len"])
+        zs, ys = [], []
+        with torch.no_grad():
+            for i in range(0, len(w), 16):
+                z = model(input_ids=w[i:i + 16, :-1]).logits.float()
+                zs.append(z[mask[i:i + 16]])
+                ys.append(w[i:i + 16, 1:][mask[i:i + 16]])
+        return torch.cat(zs), torch.cat(ys)
+
+    def nll(z, y, T):
+        return torch.nn.functional.cross_entropy(z / T, y).item()
+
+    zf, yf = logits("fitness")
+    T = float(torch.exp(torch.tensor(minimize_scalar(lambda lt: nll(zf, yf, math.exp(lt)), bounds=(-2.0, 2.0),
+                                                     method="bounded").x)))
+    zv, yv = logits("val")
+    out = {"snapshot": read_meta(snap)["epoch"], "temperature": T, "fitness_loss": nll(zf, yf, 1.0),
+           "fitness_loss_calibrated": nll(zf, yf, T), "val_loss": nll(zv, yv, 1.0), "val_loss_calibrated": nll(zv, yv, T)}
+    if "test" in data.meta["splits"]:
+        zt, yt = logits("test")
+        out.update(test_loss=nll(zt, yt, 1.0), test_loss_calibrated=nll(zt, yt, T))
+    return out
+
+
 def _fit(F, V):
     from q0ds.prior import fit_prior, mixture_nll
     fit = fit_prior(F, steps=PRIOR_STEPS, lr=PRIOR_LR, clip=PRIOR_CLIP)
@@ -93,8 +163,8 @@ def q0_curve(run_dir, detail_epochs=(), fitness_sizes=()) -> dict:
     for c in sorted({m["cycle"] for m in metas}):
         sel = [i for i, m in enumerate(metas) if m["cycle"] <= c]
         w, val = _fit(F[sel], V[sel])
-        ep = sum(lens[:c + 1])                 # nominal; the trainer rounds cycles to whole steps (same for
-        row = {"cycle": c, "epochs": ep,       # every arm: 13 steps of 13.3 per epoch here), see epochs_actual
+        ep = sum(lens[:c + 1])                 # nominal; the trainer rounds cycles to whole steps (13 steps
+        row = {"cycle": c, "epochs": ep,       # of 12.66 per 1-epoch cycle here: 1.027 epochs), see epochs_actual
                "epochs_actual": max(metas[i]["epoch"] for i in sel), "members": len(sel), "val_loss": val,
                "uniform_val_loss": mixture_nll(V[sel], [1.0 / len(sel)] * len(sel)),
                "last_snapshot_val_loss": _nll(V[sel[-1]])}

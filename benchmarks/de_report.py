@@ -33,6 +33,9 @@ def eval_keys(args, run) -> list[str]:
                 + ",".join(map(str, FITNESS_SIZES))]
     if run.kind in ("abl", "extra"):
         return [f"q0_curve|{_b(run.info['budget'])}|"]
+    if run.kind in ("tuneE", "sfit", "pfit"):
+        from benchmarks.de_honest_arms import eval_keys as honest_keys
+        return honest_keys(run)
     return ["distill_report"]
 
 
@@ -41,6 +44,10 @@ def _compute(run, key: str):
         return de_eval.single_curve(run.run_dir)
     if key.startswith("ensemble_M"):
         return de_eval.ensemble_of_first(run.run_dir, int(key[len("ensemble_M"):]))
+    if key.startswith("ensemble_fitstop_M"):
+        return de_eval.ensemble_fitness_stopped(run.run_dir, int(key[len("ensemble_fitstop_M"):]))
+    if key == "temperature":
+        return de_eval.temperature_calibrated(run.run_dir)
     if key.startswith("q0_curve|"):
         _, detail, sizes = key.split("|")
         return de_eval.q0_curve(run.run_dir, [float(x) for x in detail.split(",") if x],
@@ -266,6 +273,8 @@ def report(args, data, runs, argv, failed, t_start) -> dict:
         "failed_jobs": [{"run": k, "base": b, "exit": rc} for k, b, rc in failed],
         "table": summ["table"], "epochs_to_match": summ["epochs_to_match"],
         "ablations": ablation_rows(args, cells) if args.ablations else [],
+        **({"honest_arms": __import__("benchmarks.de_honest_arms", fromlist=["summary"]).summary(args, runs)}
+           if getattr(args, "honest_arms", False) else {}),
         "planner_vs_uniform": planner_rows(cells),
         "ensemble_distillation": distill_rows(cells),
         "single_curves": {b: {s: v["curve"] for s, v in d.items()} for b, d in cells["single"].items()},
@@ -277,8 +286,9 @@ def report(args, data, runs, argv, failed, t_start) -> dict:
         "report_time_s": round(time.time() - t_start, 1),
         "notes": [
             "val loss = mean NLL (nats/token) on the held-out val split, the same tokens for every arm.",
-            "epochs are nominal (budget units); the trainer rounds each cycle/epoch to whole steps (13 of 13.3 per "
-            "epoch here), the same way for every arm.",
+            "epochs are nominal (budget units); the trainer rounds each cycle/epoch to whole steps: 13 steps of 12.66 "
+            "per epoch for q0 and the single model (1.027 actual epochs), ensemble members 0.99-1.01; "
+            "benchmarks/de_honest.py recomputes every ratio in actual epochs.",
             "single: best epoch chosen on validation (oracle, in its favour); ensemble: best M chosen on validation "
             "by seed-mean (in its favour); q0: weighted all-member mixture, prior fitted on the fitness set.",
             "q0 at budget E = the first E epochs of one long run per seed (prior refitted on them); it differs from "
@@ -293,6 +303,12 @@ def report(args, data, runs, argv, failed, t_start) -> dict:
     plot(res, out)
     (out / "data_efficiency.md").write_text(markdown(res))
     print("\n" + summary_text(res))
+    from benchmarks import de_honest
+    if res["cells_complete"] == res["cells_planned"] and de_honest.applies(res["settings"]):
+        de_honest.write(out, out / "data_efficiency_ledger.json", out / "data_efficiency.json")
+        print(f"[data_efficiency] wrote {out / 'data_efficiency_honest.md'} (benchmarks/de_honest.py)", flush=True)
+    else:
+        print("[data_efficiency] benchmarks/de_honest.py needs the full benchmark's cells: skipped", flush=True)
     print(f"[data_efficiency] {res['cells_complete']}/{res['cells_planned']} cells complete; wrote "
           f"{out / 'data_efficiency.json'}", flush=True)
     return res

@@ -54,7 +54,7 @@ def cmd_prepare(a):
               "size)", file=sys.stderr)
     meta = prepare(a.out, input=a.input, embedded=a.embedded, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
                    fitness_tokens=a.fitness_tokens, val_tokens=a.val_tokens, max_train_tokens=a.max_train_tokens,
-                   seed=a.seed, text_field=a.text_field)
+                   seed=a.seed, text_field=a.text_field, test_tokens=a.test_tokens)
     print(json.dumps({k: meta[k] for k in ("vocab_size", "n_tokens", "n_docs") if k in meta}))
     return 0
 
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fitness-tokens", type=int, default=None, help="default 6000")
     s.add_argument("--val-tokens", type=int, default=None, help="default 12000")
     s.add_argument("--max-train-tokens", type=int, default=None)
+    s.add_argument("--test-tokens", type=int, default=0, help="a test split from the documents --max-train-tokens "
+                   "leaves over (no other split changes); scored with every snapshot, read by no decision")
     s.add_argument("--text-field", default="text")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_prepare)

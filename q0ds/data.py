@@ -16,6 +16,9 @@ Documents are stored in shuffled order (np.random.default_rng(seed).permutation)
 half-open range of document ids in meta["splits"]: fitness = whole documents from the front until
 >= fitness_tokens, then validation until >= val_tokens, then train (cut at max_train_tokens, whole
 documents). The split does not depend on the base: every base trains on the same documents.
+test (test_tokens > 0, optional): whole documents from those that max_train_tokens left over, after train
+in tokens.bin, so fitness/val/train and the data fingerprint (over those three) are exactly what they are
+without it; a split that no decision reads (the benchmarks report on it only). It needs max_train_tokens.
 
 Inputs (read with `datasets`): .txt/.text/.md files give one document per blank-line-separated block
 (this works for a single big file; use JSONL for explicit document boundaries), and so does a file without
@@ -63,7 +66,7 @@ SPLITS = {"paper": {"fitness_tokens": 132_000, "val_tokens": 10_000_000, "max_tr
 
 
 def prepare(out_dir, input=None, embedded=False, tokenizer=None, vocab_size=2048, fitness_tokens=6000,
-            val_tokens=12000, max_train_tokens=None, seed=0, text_field="text") -> dict:
+            val_tokens=12000, max_train_tokens=None, seed=0, text_field="text", test_tokens=0) -> dict:
     """Read, tokenize, split and write a prepared data dir atomically; returns its meta (see module doc)."""
     out = Path(out_dir)
     _check_target(out)
@@ -98,14 +101,27 @@ def prepare(out_dir, input=None, embedded=False, tokenizer=None, vocab_size=2048
                         f"fitness_tokens={fitness_tokens} + val_tokens={val_tokens}; lower them or add data")
     n_fit, n_val = split
     train = ids[n_fit + n_val:]
+    test = []
+    if test_tokens and max_train_tokens is None:
+        raise DataError(f"test_tokens={test_tokens} needs max_train_tokens: the test split is taken from the "
+                        "documents the train cut leaves over, so that no other split changes")
     if max_train_tokens is not None:  # whole documents, a prefix of the shuffled train documents
+        rest = train
         train = train[:int(np.searchsorted(np.cumsum([len(a) for a in train]), max_train_tokens, side="right"))]
+        if test_tokens:
+            left = rest[len(train):]
+            cum = np.cumsum([len(a) for a in left])
+            if not len(left) or cum[-1] < test_tokens:
+                raise DataError(f"corpus too small for test_tokens={test_tokens}: the train cut leaves "
+                                f"{int(cum[-1]) if len(left) else 0} tokens; lower test_tokens or max_train_tokens")
+            test = left[:int(np.searchsorted(cum, test_tokens)) + 1]
     if len(train) < 2:
         raise DataError(f"corpus too small: only {len(train)} training document(s) left after the fitness and "
                         f"validation sets (and max_train_tokens); lower fitness_tokens/val_tokens or add data")
-    ids = ids[:n_fit + n_val] + train
-    bounds = np.cumsum([0, n_fit, n_val, len(train)]).tolist()
-    splits = {name: bounds[i:i + 2] for i, name in enumerate(("fitness", "val", "train"))}
+    ids = ids[:n_fit + n_val] + train + test
+    bounds = np.cumsum([0, n_fit, n_val, len(train), len(test)]).tolist()
+    names = ("fitness", "val", "train") + (("test",) if test else ())
+    splits = {name: bounds[i:i + 2] for i, name in enumerate(names)}
     n_tokens = {name: int(sum(len(a) for a in ids[a:b])) for name, (a, b) in splits.items()}
     vocab = len(tok)
     if max(int(a.max()) for a in ids) >= vocab:
@@ -126,7 +142,8 @@ def prepare(out_dir, input=None, embedded=False, tokenizer=None, vocab_size=2048
                 "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else f"byte-level BPE, vocab_size={vocab_size}",
                 "tokenizer_fingerprint": _tokenizer_fingerprint(tmp / "tokenizer"),
                 "data_fingerprint": _data_fingerprint(tmp, dtype.name, splits), "source": source, "seed": seed,
-                "args": {"fitness_tokens": fitness_tokens, "val_tokens": val_tokens,
+                **({"test_fingerprint": _test_fingerprint(tmp, dtype.name, splits)} if test else {}),
+                "args": {"fitness_tokens": fitness_tokens, "val_tokens": val_tokens, **({"test_tokens": test_tokens} if test else {}),
                          "max_train_tokens": max_train_tokens, "text_field": text_field}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         _install(tmp, out)
@@ -316,10 +333,29 @@ def _tokenizer_fingerprint(tok_dir: Path) -> str:
 
 
 def _data_fingerprint(data_dir: Path, dtype: str, splits: dict) -> str:
-    h = _sha256_file(data_dir / "tokens.bin", hashlib.sha256(dtype.encode()))
-    h.update(np.load(data_dir / "docs.npy").astype("<i8").tobytes())  # the array, not the .npy header
-    h.update(json.dumps(splits, sort_keys=True).encode())
+    """sha256 of fitness/val/train: their tokens, offsets and ranges (a test split after them is not part of it,
+    so adding one leaves every run's data fingerprint as it was; test_fingerprint covers it)."""
+    n = splits["train"][1]
+    offsets = np.load(data_dir / "docs.npy")
+    h = hashlib.sha256(dtype.encode())
+    with open(data_dir / "tokens.bin", "rb") as f:
+        left = int(offsets[n]) * np.dtype(dtype).itemsize
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            h.update(chunk)
+            left -= len(chunk)
+    h.update(offsets[:n + 1].astype("<i8").tobytes())  # the array, not the .npy header
+    h.update(json.dumps({k: v for k, v in splits.items() if k != "test"}, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def _test_fingerprint(data_dir: Path, dtype: str, splits: dict) -> str | None:
+    if "test" not in splits:
+        return None
+    a, b = splits["test"]
+    offsets = np.load(data_dir / "docs.npy")
+    tokens = np.memmap(data_dir / "tokens.bin", dtype=dtype, mode="r")[offsets[a]:offsets[b]]
+    return hashlib.sha256(np.ascontiguousarray(tokens).tobytes() + offsets[a:b + 1].astype("<i8").tobytes()).hexdigest()
 
 
 # ---------------------------------------------------------------- reading
@@ -362,7 +398,8 @@ class PreparedData:
         ranges = [meta["splits"][s] for s in ("fitness", "val", "train")]
         if (offsets.shape != (meta["n_docs"] + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) <= 0)
                 or n_bytes != offsets[-1] * dtype.itemsize
-                or [r[0] for r in ranges] != [0, ranges[0][1], ranges[1][1]] or ranges[2][1] != meta["n_docs"]):
+                or [r[0] for r in ranges] != [0, ranges[0][1], ranges[1][1]]
+                or meta["splits"].get("test", [ranges[2][1], ranges[2][1]]) != [ranges[2][1], meta["n_docs"]]):
             raise DataError(f"corrupt prepared data in {path}: tokens.bin ({n_bytes} bytes), docs.npy and meta.json "
                             f"do not match (truncated copy?): {hint}")
         return cls(path, meta, np.memmap(path / "tokens.bin", dtype=dtype, mode="r"), offsets)
@@ -371,6 +408,8 @@ class PreparedData:
         """Recompute both fingerprints (reads every byte: for checks after a copy, not at every start)."""
         now = {"data_fingerprint": _data_fingerprint(self.path, self.meta["dtype"], self.meta["splits"]),
                "tokenizer_fingerprint": _tokenizer_fingerprint(self.tokenizer_dir)}
+        if "test" in self.meta["splits"]:
+            now["test_fingerprint"] = _test_fingerprint(self.path, self.meta["dtype"], self.meta["splits"])
         bad = [key for key, value in now.items() if value != self.meta[key]]
         if bad:
             raise DataError(f"corrupt prepared data in {self.path}: files do not match {' and '.join(bad)} in "

@@ -206,6 +206,8 @@ class BaseTrainer:
         self.fitness = self.data.eval_windows("fitness", t.seq_len) if cfg.eval.fitness else None
         self.fitness_fingerprint = windows_fingerprint(self.fitness) if self.fitness else None
         self.val_fingerprint = windows_fingerprint(self.val)
+        # the optional test split (q0ds/data.py): scored and stored with every snapshot, read by no decision
+        self.test = self.data.eval_windows("test", t.seq_len) if "test" in self.data.meta["splits"] else None
         self.signals = _Signals()
         self.step = 0
         self._last_checkpoint = None
@@ -342,7 +344,7 @@ class BaseTrainer:
     def _score(self) -> dict:
         self.student.eval()
         out = {}
-        sets = {"val": self.val, "fitness": self.fitness}
+        sets = {"val": self.val, "fitness": self.fitness, "test": self.test}
         for name, wm in sets.items():
             if wm is not None:
                 out[name] = token_logprobs(self.student, wm[0], wm[1], self.cfg.eval.batch, self.rank, self.world,

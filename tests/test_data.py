@@ -120,6 +120,25 @@ def test_max_train_tokens_cuts_whole_documents(tmp_path, synth):
     assert meta["splits"]["val"] == synth.meta["splits"]["val"]  # held-out sets do not move
 
 
+def test_test_split_leaves_other_splits_and_fingerprint_unchanged(tmp_path, synth):
+    """The optional test split comes from documents the train cut leaves over: fitness/val/train, their
+    windows and the data fingerprint (which every benchmark ledger entry carries) are what they were."""
+    kw = dict(input=synth.path.parent / "docs.jsonl", tokenizer=synth.tokenizer_dir, fitness_tokens=100,
+              val_tokens=150, seed=3, max_train_tokens=500)
+    plain, with_test = prepare(tmp_path / "plain", **kw), prepare(tmp_path / "test", test_tokens=120, **kw)
+    assert "test" not in plain["splits"] and with_test["n_tokens"]["test"] >= 120
+    assert with_test["data_fingerprint"] == plain["data_fingerprint"]
+    a, b = PreparedData.open(tmp_path / "plain"), PreparedData.open(tmp_path / "test")
+    for split in ("fitness", "val", "train"):
+        assert torch.equal(a.eval_windows(split, 16)[0], b.eval_windows(split, 16)[0]), split
+    assert torch.equal(a.train_samples(0, 0, 0, 40, 16), b.train_samples(0, 0, 0, 40, 16))
+    held = set().union(*(split_doc_ids(b, s) for s in ("fitness", "val", "train")))
+    assert held.isdisjoint(split_doc_ids(b, "test"))
+    b.verify()
+    with pytest.raises(DataError, match="needs max_train_tokens"):
+        prepare(tmp_path / "nocut", **{**kw, "max_train_tokens": None}, test_tokens=10)
+
+
 # ---------------------------------------------------------------- training stream
 
 def test_train_samples_pure_function_of_position(synth):

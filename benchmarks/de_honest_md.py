@@ -1,0 +1,105 @@
+"""Tables and the inference plot of benchmarks/de_honest.py (from its JSON only)."""
+from __future__ import annotations
+
+BUDGETS = ("8", "16", "32", "64")
+AXIS_LABEL = {"epoch": "per epoch (actual)", "flop": "per FLOP", "wall": "per wall second"}
+
+
+def iv(d, nd=3, x="") -> str:
+    """'mean [lo, hi]' of a ci() dict."""
+    if not d:
+        return "-"
+    return f"{d['mean']:.{nd}f}{x} [{d['lo']:.{nd}f}, {d['hi']:.{nd}f}]"
+
+
+def ratio_cell(e) -> str:
+    if not e["ratio"]:
+        return f"q0 does not reach {e['strongest']}"
+    return f"{'>=' if e['lower_bound'] else ''}{iv(e['ratio'], 2, 'x')} vs {e['strongest']}"
+
+
+def markdown(r: dict) -> str:
+    L = ["# Data efficiency in what users pay (benchmarks/de_honest.py, from the committed ledger)", "",
+         "95% t intervals over 3 seeds, paired by seed. Losses: val NLL (nats/token). Ratio = the baseline's cost / "
+         "q0's cost to reach the baseline's loss; the strongest baseline on each axis is the one giving q0 the "
+         "smallest ratio. ≥: q0's first cycle already beats that baseline in some seed (a lower bound).", "",
+         "| epochs | " + " | ".join(AXIS_LABEL.values()) + " |", "|---|---|---|---|"]
+    for E in BUDGETS:
+        L.append(f"| {E} | " + " | ".join(ratio_cell(r["three_way"][E][a]) for a in AXIS_LABEL) + " |")
+    L += ["", "Every baseline, per axis (ratio, 95% interval):", "",
+          "| epochs | baseline | " + " | ".join(AXIS_LABEL.values()) + " |", "|---|---|---|---|---|"]
+    for E in BUDGETS:
+        for b in r["three_way"][E]["epoch"]["by_baseline"]:
+            cells = [r["three_way"][E][a]["by_baseline"][b] for a in AXIS_LABEL]
+            L.append(f"| {E} | {b} | " + " | ".join(("≥" if c["lower_bound"] else "") + iv(c["ratio"], 2, "x")
+                                                   for c in cells) + " |")
+    L += ["", "## Inference-matched (K forward passes per token)", "",
+          "q0 = prior-weighted top-K (prior fitted on fitness); baseline = the single model at its oracle best val "
+          "epoch (K = 1) or the K-member ensemble. K = '1-oracle': q0's best single snapshot chosen on val, against "
+          "the single model's best epoch on val (both oracles). Difference = baseline minus q0 (+ = q0 better).", "",
+          "| epochs | K | q0 top-K | baseline | baseline val | baseline minus q0 |", "|---|---|---|---|---|---|"]
+    for E in BUDGETS:
+        for K, x in r["inference_matched"][E].items():
+            L.append(f"| {E} | {K} | {iv(x['q0_topk'])} | {x['baseline']} | {iv(x['baseline_val'])} | "
+                     f"{iv(x['baseline_minus_q0'])} |")
+    L += ["", "Single model at its best epoch on FITNESS (no val choice) minus q0 K = 1: " + "; ".join(
+        f"{E}: {iv(r['inference_matched'][E]['1']['single_at_fitness_epoch_minus_q0'])}" for E in BUDGETS), ""]
+    L += ["## Where the gain comes from", "",
+          "Total = strongest baseline by loss minus q0's mixture = recipe (baseline minus q0's best single snapshot, "
+          "chosen on val: an oracle, so the population's part is a lower bound) + population (that snapshot minus "
+          "the mixture). Last column: the population's gain over the prior's top member (K = 1 on fitness).", "",
+          "| epochs | strongest by loss | total gain | recipe (one trajectory) | population | population share | "
+          "population vs prior's top member |", "|---|---|---|---|---|---|---|"]
+    for E in BUDGETS:
+        p = r["population"][E]
+        L.append(f"| {E} | {p['strongest_by_loss']} | {iv(p['total_gain'])} | {iv(p['recipe_gain'])} | "
+                 f"{iv(p['population_gain'])} | {iv(p['population_share'], 2)} | "
+                 f"{iv(p['population_gain_vs_prior_top_member'])} |")
+    L += ["", "## Ablations at 32 epochs (variant minus reference, paired; + = the variant is worse)", "",
+          "| change | val delta | verdict (val) | fitness delta | verdict (fitness) |", "|---|---|---|---|---|"]
+    for a in r["ablations_32"]:
+        L.append(f"| {a['label']} | {iv(a['val_delta'], 4)} | {a['verdict_val']} | {iv(a['fitness_delta'], 4)} | "
+                 f"{a['verdict_fitness']} |")
+    L += ["", "## Defaults re-decided on the fitness set", "",
+          "| default | figure | fitness delta | val delta | decided before on | decision |", "|---|---|---|---|---|---|"]
+    for d in r["defaults_on_fitness"]:
+        L.append(f"| {d['default']} | {d['figure']} | {iv(d['fitness_delta'], 4)} | {iv(d['val_delta'], 4)} | "
+                 f"{d['was_decided_on']} | {d['decision']} ({d['strength']}) |")
+    f = r["fitness_share"]
+    L += ["", f"Fitness set: {f['fitness_tokens']:,} tokens = {f['share_of_train']:.1%} of the {f['train_tokens']:,} "
+          f"training tokens (paper: {f['paper_fitness_tokens']:,} of {f['paper_train_tokens']:,} = "
+          f"{f['paper_share_of_train']:.2%}).",
+          f"Actual epochs per nominal epoch: q0 and single {r['actual_epochs_per_nominal']['q0_and_single']:.4f}; "
+          "ensemble members " + ", ".join(f"{k} {v:.4f}" for k, v in r["actual_epochs_per_nominal"]["ensemble_members"].items()) + ".",
+          f"FLOPs/token ({r['flop_model']['source']}): training {r['flop_model']['train_per_token']:.4g}, forward "
+          f"{r['flop_model']['forward_per_token']:.4g}; {r['scored_tokens_per_snapshot']:,} tokens scored per snapshot.", ""]
+    for k, v in r["readme_derived"].items():
+        L.append(f"- {k}: {v['value']:.4f} ({v['source']})")
+    L += ["", f"Splits: {r['splits']}.", ""] + [f"- not in the ledger: {x}" for x in r["not_in_ledger"]]
+    return "\n".join(L) + "\n"
+
+
+def plot(r: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharey=False)
+    for ax, E in zip(axes, BUDGETS):
+        rows = r["inference_matched"][E]
+        Ks = [int(k) for k in rows if "-" not in k]
+        for key, label, style in (("q0_topk", "q0 top-K (prior on fitness)", "o-"),
+                                  ("baseline_val", "single (K=1, oracle epoch) / ensemble M=K", "s--")):
+            m = [rows[str(k)][key]["mean"] for k in Ks]
+            err = [[m[i] - rows[str(k)][key]["lo"] for i, k in enumerate(Ks)],
+                   [rows[str(k)][key]["hi"] - m[i] for i, k in enumerate(Ks)]]
+            ax.errorbar(Ks, m, yerr=err, fmt=style, capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(Ks, [str(k) for k in Ks])
+        ax.set_title(f"{E} epochs")
+        ax.set_xlabel("forward passes per token (K = M)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val NLL (nats/token), 95% interval, 3 seeds")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,89 @@
+"""benchmarks/de_honest.py: the honest data-efficiency report regenerates from the committed ledger byte for byte,
+and its figures keep the invariants the method implies. Reads committed files only (~5 s, no training)."""
+import json
+import math
+
+import pytest
+
+from benchmarks import de_honest
+from benchmarks.de_honest_md import markdown
+
+R = de_honest.RESULTS
+
+
+@pytest.fixture(scope="module")
+def regenerated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("honest")
+    de_honest.write(out, R / "data_efficiency_ledger.json", R / "data_efficiency.json", plot_too=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def res(regenerated):
+    return json.loads((regenerated / "data_efficiency_honest.json").read_text())
+
+
+def test_regenerates_byte_identically(regenerated):
+    for name in ("data_efficiency_honest.json", "data_efficiency_honest.md"):
+        assert (regenerated / name).read_bytes() == (R / name).read_bytes(), f"{name} differs from the committed copy"
+
+
+def test_flop_ratio_below_epoch_ratio(res):
+    """q0 pays teacher forwards that the baselines do not: per FLOP its ratio is lower than per epoch."""
+    for E, axes in res["three_way"].items():
+        for name, row in axes["epoch"]["by_baseline"].items():
+            e, f = row["ratio"]["per_seed"], axes["flop"]["by_baseline"][name]["ratio"]["per_seed"]
+            if row["lower_bound"]:               # matched by q0's first, undistilled cycle: no teacher paid yet
+                assert all(fs <= es + 1e-9 for fs, es in zip(f, e)), (E, name)
+            else:
+                assert all(fs < es for fs, es in zip(f, e)), (E, name)
+
+
+def test_q0_flops_exceed_a_plain_run(res):
+    """At any cycle past the distillation start q0 has spent more FLOPs than plain training plus scoring."""
+    A = de_honest.Arms(de_honest.Ledger(R / "data_efficiency_ledger.json"), res["data"])
+    r = A.q0_curve(0)[31]
+    plain = A._flops(r["epochs_actual"], r["cycle"] + 1)
+    teach = (r["epochs_actual"] - A.q0_curve(0)[1]["epochs_actual"]) * A.fm["tokens_per_epoch"] * A.fm["forward_per_token"]
+    assert r["flops"] == pytest.approx(plain + teach)
+    assert A.fm["forward_per_token"] / A.fm["train_per_token"] == pytest.approx(1 / 3, rel=0.05)
+
+
+def test_actual_epochs_and_fitness_share(res):
+    d = res["data"]
+    steps = round(d["steps_per_epoch"])                          # 13 whole steps per 1-epoch cycle
+    assert res["actual_epochs_per_nominal"]["q0_and_single"] == pytest.approx(steps * 32 / d["windows_per_epoch"])
+    assert res["fitness_share"]["share_of_train"] == pytest.approx(16169 / 51802)
+    assert 0.30 < res["fitness_share"]["share_of_train"] < 0.32
+    assert res["fitness_share"]["paper_share_of_train"] == pytest.approx(0.00132)
+
+
+def test_gain_decomposes_per_seed(res):
+    for E, p in res["population"].items():
+        for t, r, q in zip(p["total_gain"]["per_seed"], p["recipe_gain"]["per_seed"], p["population_gain"]["per_seed"]):
+            assert t == pytest.approx(r + q), E
+        assert p["population_gain"]["mean"] >= -1e-9           # the best member is never better than... itself
+
+
+def test_intervals_and_verdicts():
+    d = de_honest.ci([0.1, 0.2, 0.3])
+    assert d["mean"] == pytest.approx(0.2)
+    assert d["hi"] - d["mean"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)   # t(0.975, 2)
+    assert de_honest.verdict(de_honest.ci([0.03, 0.04, 0.035])) == "worse (interval excludes 0)"
+    assert de_honest.verdict(de_honest.ci([0.03, 0.05, 0.01])).startswith("no effect measured")   # |mean| > std
+    assert de_honest.verdict(de_honest.ci([0.06, 0.04, -0.01])).startswith("no effect measured")
+    assert de_honest.verdict(de_honest.ci([-0.01, -0.02, -0.015])) == "better (interval excludes 0)"
+
+
+def test_ablation_verdicts_follow_intervals(res):
+    for a in res["ablations_32"]:
+        d = a["val_delta"]
+        excludes = d["lo"] > 0 or d["hi"] < 0
+        assert excludes != a["verdict_val"].startswith("no effect"), a["label"]
+
+
+def test_markdown_has_every_budget(res):
+    md = markdown(res)
+    for E in ("8", "16", "32", "64"):
+        assert f"| {E} |" in md
+    assert "per wall second" in md and "population share" in md
