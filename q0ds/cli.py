@@ -111,6 +111,7 @@ def cmd_report(a):
 def cmd_generate(a):
     from pathlib import Path
     from .config import ConfigError
+    from .devices import resolve_device
     from .ensemble import MixtureLM
     prompts = list(a.prompt or [])
     if a.prompts_file:
@@ -122,10 +123,11 @@ def cmd_generate(a):
         raise ConfigError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE (one prompt a line)")
     if a.batch < 1 or a.max_new_tokens < 0:
         raise ConfigError(f"--batch {a.batch} must be >= 1 and --max-new-tokens {a.max_new_tokens} >= 0")
+    device = resolve_device(a.device)              # before any loading: a bad --device fails at once
     if a.mixture:
-        lm = MixtureLM.from_pretrained(a.mixture, device=a.device)
+        lm = MixtureLM.from_pretrained(a.mixture, device=device)
     else:
-        lm = MixtureLM.from_run(a.run, k=a.k, device=a.device)
+        lm = MixtureLM.from_run(a.run, k=a.k, device=device)
     texts = lm.generate(prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
                         batch=a.batch)
     for t in texts:
