@@ -1,6 +1,6 @@
 """Generation speed of the top-K mixture vs K, next to plain transformers `generate` (KV cache) on one member.
 
-    nice -n 5 .venv/bin/python benchmarks/generate_speed.py          # ~2-4 min on 2 shared CPU cores
+    nice -n 5 .venv/bin/python benchmarks/generate_speed.py          # ~3-5 min on 2 shared CPU cores at load 15
     -> benchmarks/results/generate_speed.{json,md,png}
 
 Members: K random-init models of the `small` preset's shape (Qwen3, d 128, 2 layers, vocab 2048, 0.95M params)
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, env_defaults, machine_info, median, write_json  # noqa: E402
 
-KS, BATCHES, PROMPT, NEW, ROUNDS = (1, 2, 4, 8), (1, 8), 32, 64, 3
+KS, BATCHES, PROMPT, NEW, ROUNDS = (1, 2, 4, 8), (1, 8), 16, 24, 3
 OUT = ROOT / "benchmarks" / "results" / "generate_speed"
 
 
@@ -72,14 +72,16 @@ def main() -> dict:
             assert out.shape == (b, PROMPT + NEW)
         jobs = {f"hf_generate/b{b}": (lambda b=b: plain(b)) for b in BATCHES}
         jobs.update({f"mixture_k{k}/b{b}": (lambda k=k, b=b: ours(k, b)) for k in KS for b in BATCHES})
-        for fn in jobs.values():                  # warm-up
+        for name, fn in jobs.items():             # warm-up
             fn()
+            print(f"warm-up {name}", flush=True)
         times = {name: [] for name in jobs}
         for _ in range(ROUNDS):
             for name, fn in jobs.items():
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+            print(f"round {len(times[name])}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
         same = [mixtures[1].generate_ids(prompts[b].tolist(), NEW, 0, batch=b) ==
                 hf.generate(input_ids=prompts[b], attention_mask=torch.ones_like(prompts[b]), max_new_tokens=NEW,
                             do_sample=False, pad_token_id=mixtures[1].pad_id)[:, PROMPT:].tolist() for b in BATCHES]
