@@ -6,7 +6,9 @@
     q0ds run --config CONFIG                               all bases, then prior, eval and report
     q0ds fit-prior --run RUN | eval --run RUN [--k 1,2,4] | report --run RUN
     q0ds rescore --run RUN [--member base-00/cycle-0003]   score snapshots whose score files are missing
-    q0ds generate --run RUN --k 4 --prompt TEXT
+    q0ds generate --run RUN --k 4 --prompt TEXT [--prompt TEXT2 | --prompts-file F] [--batch 8 --device auto]
+    q0ds generate --mixture DIR --prompt TEXT               the same from an exported mixture
+    q0ds export-mixture --run RUN --k 4 --out DIR           one dir: members/, tokenizer/, mixture.json
     q0ds plan --epochs 64 | plan --memory --model 1.8b --gpus 8
     q0ds demo [--out runs/demo]
     q0ds config-get --config CONFIG KEY                    print a resolved config value (SLURM scripts)
@@ -107,9 +109,41 @@ def cmd_report(a):
 
 
 def cmd_generate(a):
+    from pathlib import Path
+    from .config import ConfigError
+    from .devices import resolve_device
     from .ensemble import MixtureLM
-    lm = MixtureLM.from_run(a.run, k=a.k)
-    print(lm.generate(a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed))
+    prompts = list(a.prompt or [])
+    if a.prompts_file:
+        path = Path(a.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompts-file {path} not found: give a text file with one prompt per line")
+        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE (one prompt a line)")
+    if a.batch < 1 or a.max_new_tokens < 0:
+        raise ConfigError(f"--batch {a.batch} must be >= 1 and --max-new-tokens {a.max_new_tokens} >= 0")
+    device = resolve_device(a.device)              # before any loading: a bad --device fails at once
+    if a.mixture:
+        lm = MixtureLM.from_pretrained(a.mixture, device=device)
+    else:
+        lm = MixtureLM.from_run(a.run, k=a.k, device=device)
+    texts = lm.generate(prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
+                        batch=a.batch)
+    for t in texts:
+        print(t)
+    n, dt = lm.last_stats["new_tokens"], lm.last_stats["seconds"]
+    print(f"[q0ds] {len(prompts)} prompt(s), K={len(lm.models)} on {lm.device}: {n} new tokens in "
+          f"{dt:.2f} s ({n / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_export_mixture(a):
+    from .ensemble import export_mixture, run_members
+    from pathlib import Path
+    dirs, weights, ids, seq_len = run_members(a.run, a.k)
+    out = export_mixture(dirs, weights, ids, dirs[0], seq_len, {"run": str(Path(a.run).resolve()), "k": a.k}, a.out)
+    print(out)
     return 0
 
 
@@ -222,14 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True)
     s.set_defaults(fn=cmd_report)
 
-    s = sub.add_parser("generate", help="sample from the top-K mixture")
+    s = sub.add_parser("generate", help="sample from the top-K mixture (batched, KV-cached)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run dir: its top-K members by the prior")
+    src.add_argument("--mixture", help="a dir written by `q0ds export-mixture`")
+    s.add_argument("--k", type=int, default=4, help="with --run (default 4)")
+    s.add_argument("--prompt", action="append", help="repeatable")
+    s.add_argument("--prompts-file", help="one prompt per line (blank lines skipped)")
+    s.add_argument("--batch", type=int, default=8, help="prompts per batch (default 8)")
+    s.add_argument("--max-new-tokens", type=int, default=40)
+    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", help="auto (cuda if present, else cpu) | cpu | cuda | cuda:N")
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("export-mixture", help="write the top-K mixture as one dir (members, tokenizer, weights)")
     s.add_argument("--run", required=True)
     s.add_argument("--k", type=int, default=4)
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=40)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(fn=cmd_generate)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_export_mixture)
 
     s = sub.add_parser("plan", help="budget planner, or GPU memory plan with --memory")
     s.add_argument("--epochs", type=float, default=64)

@@ -21,8 +21,9 @@ ensemble.init=top1|scratch (default top1: start from the top-weighted member), d
 distill.temperature (1.0), schedule.cycles x schedule.cycle_epochs (default 2 x 1 epoch, warmup 10 steps +
 cosine; one scored snapshot per cycle), optim.*, model.* (a smaller student works if the vocab matches),
 ensemble.max_engines (8), run_dir=... (another output dir, e.g. for a CE-only control with distill.alpha=0).
-Every snapshot.json names its teachers under "distilled_from" (run, K, members, weights, sha256s, alpha, T,
-init); a relaunch whose teachers differ (say, a refitted prior) is refused (teacher.json).
+Every snapshot.json names its teachers under "teachers" (member, weight, sha256 each) and "distilled_from"
+(run, K, members, weights, sha256s, alpha, T, init), and its recipe under "recipe" (command, loss, alpha, T,
+init, seed, schedule, optimizer, seq_len, batch, config fingerprint); a relaunch whose teachers differ (say, a refitted prior) is refused (teacher.json).
 
 Teacher memory: the options and the choice.
   (a) K ZeRO-3 inference engines held at once: K x params / world_size per rank (bf16 1.8B on 8 GPUs:
@@ -233,8 +234,23 @@ class EnsembleDistillTrainer(BaseTrainer):
 
     def _snapshot_meta(self, cyc) -> dict:
         meta = super()._snapshot_meta(cyc)
-        meta.update(teacher=f"top-{self.spec['k']} mixture of {self.spec['run']}", distilled_from=self.spec)
+        meta.update(teacher=f"top-{self.spec['k']} mixture of {self.spec['run']}", distilled_from=self.spec,
+                    teachers=[{"member": m, "weight": w, "sha256": h} for m, w, h in
+                              zip(self.spec["members"], self.spec["weights"], self.spec["member_sha256"])],
+                    recipe=student_recipe(self.cfg, self.spec, self.opts))
         return meta
+
+
+def student_recipe(cfg: RunConfig, spec: dict, opts: dict) -> dict:
+    """How the student was trained, in one place of its snapshot.json (the full config is RUN/distilled/kK/config.json)."""
+    s, o, t = cfg.schedule, cfg.optim, cfg.train
+    return {"command": f"q0ds distill-ensemble --run {spec['run']} --k {spec['k']}",
+            "loss": "(1 - alpha) * CE + alpha * T^2 * KL(p_mix || p_student)", "alpha": cfg.distill.alpha,
+            "temperature": cfg.distill.temperature, "init": opts["init"], "max_engines": opts["max_engines"],
+            "seed": cfg.seed, "schedule": {"shape": s.shape, "cycles": s.cycles, "cycle_epochs": s.cycle_epochs,
+                                           "cycle_steps": s.cycle_steps, "warmup_steps": s.warmup_steps},
+            "optim": {"name": o.name, "lr": o.lr, "weight_decay": o.weight_decay},
+            "seq_len": t.seq_len, "global_batch": t.global_batch, "run_config": cfg.fingerprint()}
 
 
 def distill_ensemble(run, k: int = 4, overrides=()) -> int:

@@ -226,6 +226,16 @@ def test_distilled_student_is_an_hf_model_naming_its_teachers(population, distil
     assert src["k"] == 2 and src["run"] == str(population.resolve())
     assert src["members"] == prior["topk"]["2"]["members"] and src["weights"] == pytest.approx(prior["topk"]["2"]["weights"])
     assert len(src["member_sha256"]) == 2 and meta["distilled"] and meta["scored"] and meta["cycle"] == 1
+    assert meta["teachers"] == [{"member": m, "weight": w, "sha256": h} for m, w, h in
+                                zip(src["members"], src["weights"], src["member_sha256"])]
+    assert src["member_sha256"] == [json.loads((population / "bases/base-00/snapshots" / m.split("/")[1] /
+                                                "snapshot.json").read_text())["sha256"] for m in src["members"]]
+    recipe = meta["recipe"]
+    assert recipe["command"] == f"q0ds distill-ensemble --run {population.resolve()} --k 2"
+    assert (recipe["alpha"], recipe["temperature"], recipe["init"]) == (0.9, 1.0, "top1")
+    assert recipe["schedule"] == {"shape": "cosine", "cycles": 2, "cycle_epochs": 1.0, "cycle_steps": 3,
+                                  "warmup_steps": 2}
+    assert recipe["seed"] == meta["seed"] and recipe["run_config"] == meta["run_config"]
     model = AutoModelForCausalLM.from_pretrained(snap, local_files_only=True)
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
@@ -281,3 +291,20 @@ def test_a_changed_teacher_or_bad_k_is_refused(population, distilled, tmp_path):
     assert p.returncode == 2 and "larger than the population" in p.stderr
     p = run_cli("distill-ensemble", "--run", tmp_path, "--k", "2", check=False)
     assert p.returncode == 2 and "prior.json" in p.stderr
+
+
+@pytest.mark.slow
+def test_q0ds_eval_and_lm_eval_accept_the_student(distilled, tmp_path):
+    """The student dir is a run of its own: `fit-prior` + `eval` score its snapshots, `lm-eval --k 1` its best."""
+    import shutil
+    out, _ = distilled
+    student = tmp_path / "student"
+    shutil.copytree(out, student, ignore=shutil.ignore_patterns("checkpoints"))
+    run_cli("fit-prior", "--run", student)
+    run_cli("eval", "--run", student, "--k", "1,2")
+    ev = json.loads((student / "eval.json").read_text())
+    final = json.loads((_final(student) / "snapshot.json").read_text())
+    assert [r["k"] for r in ev["topk"]] == [1, 2] and final["val_loss"] in [
+        json.loads((d / "snapshot.json").read_text())["val_loss"] for d in (student / "bases/base-00/snapshots").iterdir()]
+    p = run_cli("lm-eval", "--run", student, "--k", "1", "--tasks", "q0ds_ppl", "--limit", "2")
+    assert "q0ds_ppl" in p.stdout
