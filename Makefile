@@ -15,13 +15,13 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 venv: $(STAMP)
 
-# torch first, pinned: pip takes the local CPU build; a range would pull a multi-GB CUDA build.
-$(STAMP): requirements.txt setup.py
+# torch first, pinned: pip takes the local CPU build; a range would pull a multi-GB CUDA build. Then the dev
+# list (requirements.txt: q0ds editable with its extras, pytest) at the exact CI versions of constraints.txt.
+$(STAMP): requirements.txt constraints.txt setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -r requirements.txt
-	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip install -q -c constraints.txt -r requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -365,7 +365,8 @@ def build_partitioned(config, seed: int, ds_cfg: dict, dropout: float = 0.0, ini
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
-    from transformers.integrations.deepspeed import initialize_weights_zero3, prevent_arange_dtype_change
+    from transformers.integrations.deepspeed import initialize_weights_zero3
+    from .compat import prevent_arange_dtype_change        # RoPE inv_freq stays fp32 (absent in transformers 5.17)
     from .model import add_residual_dropout
     with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_cfg):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
