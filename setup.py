@@ -3,7 +3,13 @@
 The exact versions CI tests are in constraints.txt (`make venv` installs with `-c constraints.txt`); the
 ranges below are what q0ds supports. docs/install.md says which versions are tested where.
 """
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
 
 install_requires = [
     # Never pinned exactly: an exact torch would replace the node's CUDA build. 2.11 is the oldest read against.
@@ -35,6 +41,20 @@ extras_require = {
 }
 extras_require["all"] = sorted({r for v in extras_require.values() for r in v})
 
+
+
+class BuildPyShipped(build_py):
+    """Also copy the launcher and the DeepSpeed configs (outside the package in the checkout) into the wheel as
+    q0ds/_shipped/ (q0ds.compat.repo_file finds them there when q0ds is installed from a wheel)."""
+
+    def run(self):
+        super().run()
+        dest = Path(self.build_lib) / "q0ds" / "_shipped"
+        (dest / "launchers").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(HERE / "launchers" / "train.py", dest / "launchers" / "train.py")
+        shutil.copytree(HERE / "ds_configs", dest / "ds_configs", dirs_exist_ok=True)
+
+
 setup(
     name="q0ds",
     version="0.1.0",
@@ -45,4 +65,5 @@ setup(
     install_requires=install_requires,
     extras_require=extras_require,
     entry_points={"console_scripts": ["q0ds=q0ds.cli:main"]},
+    cmdclass={"build_py": BuildPyShipped},
 )

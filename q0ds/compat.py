@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+from pathlib import Path
 
 from .config import ConfigError
 
@@ -30,6 +31,18 @@ def require(module: str, extra: str, what: str):
 def missing_extra(extra: str, what: str, error: ImportError) -> MissingExtra:
     """MissingExtra for an ImportError already caught (a `from x import y` at a module's top)."""
     return MissingExtra(f"{what} needs `pip install q0ds[{extra}]` ({error})")
+
+
+# ------------------------------------------------------------------ checkout or installed package
+SHIPPED = ("launchers/train.py", "ds_configs/")       # copied into the wheel as q0ds/_shipped/ (setup.py build_py)
+
+
+def repo_file(rel) -> Path:
+    """<checkout>/<rel> when q0ds runs from a checkout (or an editable install), else the copy shipped in the
+    installed package (q0ds/_shipped/<rel>): launchers/train.py and ds_configs/*.hjson live outside the package."""
+    pkg = Path(__file__).resolve().parent
+    checkout = pkg.parent / rel
+    return checkout if checkout.exists() else pkg / "_shipped" / rel
 
 
 # ------------------------------------------------------------------ transformers < 5.23

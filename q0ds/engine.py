@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .compat import repo_file
 from .config import ConfigError
 from .model import param_group_name
 
@@ -200,8 +201,8 @@ def exit_process(code: int):
 def load_ds_config(path) -> dict:
     import hjson
     p = Path(path)
-    if not p.is_file() and not p.is_absolute() and (ROOT / p).is_file():
-        p = ROOT / p                 # a shipped config, wherever the command runs from
+    if not p.is_file() and not p.is_absolute() and repo_file(p).is_file():
+        p = repo_file(p)             # a shipped config, wherever the command runs from (checkout or wheel)
     if p.is_dir():
         raise ConfigError(f"DeepSpeed config {p} is a directory, not a file (run config key `ds_config`); "
                           "name a .hjson/.json file in it, e.g. ds_configs/zero3_cpu.hjson")
