@@ -30,6 +30,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_FOUND = re.compile(r"No matching distribution found for ([A-Za-z0-9._-]+)")
+REQUESTED = re.compile(r"The user requested \(constraint\) ([A-Za-z0-9._-]+)==")
+NO_WHEELS = re.compile(r"no matching distributions available for your environment:\n((?:[ \t]+\S+\n?)+)")
+
+
+def pins_without_wheels(stderr: str) -> list[str]:
+    """Constraint pins that pip reports as having no distribution for the target (e.g. numpy 2.4.6 has no
+    manylinux2014 wheel for cp312: manylinux_2_27/2_28 only)."""
+    m = NO_WHEELS.search(stderr)
+    missing = {norm(x) for x in m.group(1).split()} if m else set()
+    return sorted({norm(x) for x in REQUESTED.findall(stderr)} & missing)
+
+
+def norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def run(cmd, **kw):
@@ -48,7 +62,7 @@ def pinned(constraints: Path) -> dict[str, str]:
         line = line.split("#")[0].strip()
         if "==" in line:
             name = line.split("==")[0].strip()
-            out[re.sub(r"[-_.]+", "-", name).lower()] = line
+            out[norm(name)] = line
     return out
 
 
@@ -109,7 +123,10 @@ def main(argv=None) -> int:
     pins = pinned(a.constraints)
     # q0ds: with this interpreter's setuptools when it has one (no isolated build env to fetch); DeepSpeed: always
     # isolated, i.e. without torch, as its sdist installs on PyPI (torch_info 0.0, ops probed at run time)
+    stale_build = not (ROOT / "build").exists()
     q0ds = build_wheel(str(ROOT), out, None, source=False, isolated=importlib.util.find_spec("setuptools") is None)
+    if stale_build:                              # setuptools' in-tree build/ would feed old files to the next build
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
     if not any(out.glob("deepspeed-*.whl")):
         build_wheel(pins["deepspeed"], out, None, source=True)
     target = ["--only-binary=:all:", "--python-version", a.python_version, "--implementation", "cp"]
@@ -121,17 +138,25 @@ def main(argv=None) -> int:
         cons = tmp / "constraints.txt"           # the CI versions, less torch (the node brings its own)
         cons.write_text("".join(v + "\n" for k, v in pins.items() if k != "torch"))
         req = f"{q0ds}[{a.extras}]" if a.extras else str(q0ds)
-        built = set()
+        built, relaxed = set(), []
         while True:
-            r = pip("download", "-q", "-d", out, "--find-links", tmp, "--find-links", out, "-c", cons, *target, req,
+            r = pip("download", "-d", out, "--find-links", tmp, "--find-links", out, "-c", cons, *target, req,
                     capture_output=True)
-            sys.stdout.write(r.stdout)
+            sys.stdout.write("".join(l + "\n" for l in r.stdout.splitlines() if l.startswith("Saved ")))
             if r.returncode == 0:
                 break
-            m = NOT_FOUND.search(r.stderr)
-            name = m and re.sub(r"[-_.]+", "-", m.group(1)).lower()
+            log = r.stdout + r.stderr                     # pip explains a conflict on stdout
+            stale = [n for n in pins_without_wheels(log) if n in pins and n != "torch"]
+            if stale:                         # the CI version has no wheel for the target: the newest one that has
+                for name in stale:
+                    print(f"wheelhouse: {pins.pop(name)} has no wheel for the target: letting pip choose", flush=True)
+                relaxed += stale
+                cons.write_text("".join(v + "\n" for k, v in pins.items() if k != "torch"))
+                continue
+            m = NOT_FOUND.search(log)
+            name = m and norm(m.group(1))
             if not m or name in built or name == "torch":
-                sys.stderr.write(r.stderr)
+                sys.stderr.write(log[-6000:])
                 sys.exit("wheelhouse: pip download failed (see above)")
             print(f"wheelhouse: {name} has no wheel for the target: building it from its sdist", flush=True)
             build_wheel(pins.get(name, name), out, cons, source=True)
@@ -140,6 +165,8 @@ def main(argv=None) -> int:
         w.unlink()
     wheels = sorted(out.glob("*.whl"))
     size = sum(w.stat().st_size for w in wheels)
+    if relaxed:
+        print(f"wheelhouse: not the CI version (none has a wheel for the target): {', '.join(relaxed)}")
     print(f"wheelhouse: {out}: {len(wheels)} wheels, {size / 1e6:.1f} MB (Python {a.python_version}, "
           f"{a.platform}, extras [{a.extras}]); install with: pip install --no-index --find-links {out} "
           f"'q0ds{f'[{a.extras}]' if a.extras else ''}'")
