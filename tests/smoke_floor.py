@@ -10,6 +10,7 @@ PYTHONPATH=.cache/tf517:<repo>; usage: python tests/smoke_floor.py WORKDIR).
 import copy
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -49,9 +50,17 @@ def main(work: Path) -> int:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port),
            "launchers/train.py", "--config", str(path), "--base", "0"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
-    if p.returncode != 0:
-        print(p.stdout[-4000:], p.stderr[-6000:], sep="\n", file=sys.stderr)
+    # own process group, killed whole on timeout: no rank is left behind (the first run JIT-builds DeepSpeed's
+    # CPU shm op, minutes on a loaded machine; later runs reuse it)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    if proc.returncode != 0:
+        print(out[-4000:], err[-6000:], sep="\n", file=sys.stderr)
         return 1
     base = Path(cfg.run_dir) / "bases" / "base-00"
     assert (base / "done.json").is_file() and list((base / "checkpoints").iterdir()), sorted(base.rglob("*"))

@@ -120,6 +120,6 @@ def test_smoke_against_transformers_5_17(tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)                                # set by the in-process tests above
     p = subprocess.run([sys.executable, str(ROOT / "tests" / "smoke_floor.py"), str(tmp_path)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, f"{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
     assert "smoke_floor: ok transformers 5.17.0" in p.stdout, p.stdout[-3000:]

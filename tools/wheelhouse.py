@@ -134,9 +134,10 @@ def main(argv=None) -> int:
         target += ["--platform", plat]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        stub_torch(tmp, pins.get("torch", "torch==2.13.0").split("==")[1])
-        cons = tmp / "constraints.txt"           # the CI versions, less torch (the node brings its own)
-        cons.write_text("".join(v + "\n" for k, v in pins.items() if k != "torch"))
+        stub = stub_torch(tmp, pins.pop("torch", "torch==2.13.0").split("==")[1])
+        pins["torch"] = f"torch=={stub.name.split('-')[1]}"   # only the stub: a real torch has a higher version
+        cons = tmp / "constraints.txt"           # the CI versions, torch being the stub (the node brings its own)
+        cons.write_text("".join(v + "\n" for v in pins.values()))
         req = f"{q0ds}[{a.extras}]" if a.extras else str(q0ds)
         built, relaxed = set(), []
         while True:
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
                 for name in stale:
                     print(f"wheelhouse: {pins.pop(name)} has no wheel for the target: letting pip choose", flush=True)
                 relaxed += stale
-                cons.write_text("".join(v + "\n" for k, v in pins.items() if k != "torch"))
+                cons.write_text("".join(v + "\n" for v in pins.values()))
                 continue
             m = NOT_FOUND.search(log)
             name = m and norm(m.group(1))
@@ -163,6 +164,9 @@ def main(argv=None) -> int:
             built.add(name)
     for w in out.glob("torch-*+q0ds.stub-*.whl"):
         w.unlink()
+    leaked = [w.name for w in out.glob("*.whl") if re.match(r"(torch|triton|nvidia_|cuda_)", w.name)]
+    if leaked:
+        sys.exit(f"wheelhouse: torch or CUDA wheels in {out}: {leaked} (remove them; torch comes from the node)")
     wheels = sorted(out.glob("*.whl"))
     size = sum(w.stat().st_size for w in wheels)
     if relaxed:
