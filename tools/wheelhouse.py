@@ -10,9 +10,11 @@ Run on a connected machine (`make wheelhouse` calls it). Steps:
 2. pip download --only-binary=:all: --python-version --platform of q0ds[extras] at the versions of
    constraints.txt. torch is left out: the resolution sees a stub `torch` wheel without dependencies (a temp
    find-links dir, never copied into the wheelhouse), so neither torch nor its nvidia-*/triton wheels are fetched.
-3. A dependency published only as an sdist (lm-eval's rouge-score, sqlitedict, word2number) fails step 2 with
-   "No matching distribution found for X": it is built here with `pip wheel --no-deps` (it must come out
-   py3-none-any, i.e. pure Python) and step 2 is retried.
+3. A constraints.txt version without a wheel for the target (numpy 2.4.6, pyarrow 26.0.1 for glibc 2.17) is
+   dropped, so pip takes the newest version that has one (named in the output). A dependency published only
+   as an sdist (lm-eval's rouge-score, sqlitedict, word2number) then still fails with "No matching
+   distribution found for X": it is built here with `pip wheel --no-deps` (it must come out py3-none-any,
+   i.e. pure Python, else the script stops) and step 2 is retried.
 Downloads go through pip's cache (PIP_CACHE_DIR), so a rebuild fetches nothing new.
 """
 from __future__ import annotations
@@ -156,11 +158,16 @@ def main(argv=None) -> int:
                 continue
             m = NOT_FOUND.search(log)
             name = m and norm(m.group(1))
+            if m and name in pins and name != "torch":   # first the newest version that has a wheel (pyarrow 26.0.1:
+                print(f"wheelhouse: {pins.pop(name)} has no wheel for the target: letting pip choose", flush=True)
+                relaxed.append(name)                      # none for glibc 2.17), only then its sdist
+                cons.write_text("".join(v + "\n" for v in pins.values()))
+                continue
             if not m or name in built or name == "torch":
                 sys.stderr.write(log[-6000:])
                 sys.exit("wheelhouse: pip download failed (see above)")
             print(f"wheelhouse: {name} has no wheel for the target: building it from its sdist", flush=True)
-            build_wheel(pins.get(name, name), out, cons, source=True)
+            build_wheel(name, out, cons, source=True)
             built.add(name)
     for w in out.glob("torch-*+q0ds.stub-*.whl"):
         w.unlink()
