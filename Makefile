@@ -11,18 +11,28 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo demo-results test test-fast bench clean-runs venv gpu-check memory-probe rehearsal
+.PHONY: demo demo-results test test-fast bench clean-runs venv gpu-check memory-probe rehearsal wheelhouse
 
 venv: $(STAMP)
 
-# torch first, pinned: pip takes the local CPU build; a range would pull a multi-GB CUDA build.
-$(STAMP): requirements.txt setup.py
+# torch first, pinned: pip takes the local CPU build; a range would pull a multi-GB CUDA build. Then the dev
+# list (requirements.txt: q0ds editable with its extras, pytest) at the exact CI versions of constraints.txt.
+$(STAMP): requirements.txt constraints.txt setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -r requirements.txt
-	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip install -q -c constraints.txt -r requirements.txt
 	touch $(STAMP)
+
+# Offline install for a GPU node (docs/install.md): wheels of q0ds and every dependency except torch, for the
+# node's Python and platform, at the versions of constraints.txt. Needs the index (run on a connected machine).
+PYTHON_VERSION ?= 3.12
+PLATFORM       ?= manylinux2014_x86_64
+EXTRAS         ?=
+WHEELHOUSE     ?= wheelhouse
+wheelhouse:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) tools/wheelhouse.py --out $(WHEELHOUSE) \
+		--python-version $(PYTHON_VERSION) --platform $(PLATFORM) --extras "$(EXTRAS)"
 
 demo: $(STAMP)
 	$(BIN)/q0ds demo --out runs/demo

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .compat import require
 from .files import set_default_mode
 
 FORMAT = 1
@@ -223,7 +224,7 @@ def _read_documents(path: Path, text_field: str):
                 raise DataError(f"{f} is not UTF-8 text: {bad}; convert it (e.g. `iconv -f latin1 -t utf-8`) "
                                 "or move it out of the input")
         groups.setdefault(builder, []).append(str(f))
-    import datasets
+    datasets = require("datasets", "data", f"reading {path}")
     docs = []
     with tempfile.TemporaryDirectory() as cache:  # the Arrow cache stays out of ~/.cache and is not reused stale
         for builder, names in sorted(groups.items()):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .compat import repo_file
 from .config import ConfigError
 from .model import param_group_name
 
@@ -200,8 +201,8 @@ def exit_process(code: int):
 def load_ds_config(path) -> dict:
     import hjson
     p = Path(path)
-    if not p.is_file() and not p.is_absolute() and (ROOT / p).is_file():
-        p = ROOT / p                 # a shipped config, wherever the command runs from
+    if not p.is_file() and not p.is_absolute() and repo_file(p).is_file():
+        p = repo_file(p)             # a shipped config, wherever the command runs from (checkout or wheel)
     if p.is_dir():
         raise ConfigError(f"DeepSpeed config {p} is a directory, not a file (run config key `ds_config`); "
                           "name a .hjson/.json file in it, e.g. ds_configs/zero3_cpu.hjson")
@@ -365,7 +366,8 @@ def build_partitioned(config, seed: int, ds_cfg: dict, dropout: float = 0.0, ini
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
-    from transformers.integrations.deepspeed import initialize_weights_zero3, prevent_arange_dtype_change
+    from transformers.integrations.deepspeed import initialize_weights_zero3
+    from .compat import prevent_arange_dtype_change        # RoPE inv_freq stays fp32 (absent in transformers 5.17)
     from .model import add_residual_dropout
     with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_cfg):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)

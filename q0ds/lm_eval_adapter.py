@@ -53,12 +53,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lm_eval import utils as lm_utils
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from lm_eval.models.utils import (Collator, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
-                                  postprocess_generated_text, resolve_max_length)
-from lm_eval.models.utils_hf import pad_and_concat
+
+from .compat import missing_extra
+
+try:
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import (Collator, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
+                                      postprocess_generated_text, resolve_max_length)
+    from lm_eval.models.utils_hf import pad_and_concat
+except ImportError as e:           # not installed, or a release without these names (setup.py: eval extra)
+    raise missing_extra("eval", "q0ds lm-eval", e) from None
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ import os
 import uuid
 from pathlib import Path
 
+from .compat import require
 from .config import atomic_write_text
 
 METRICS = "metrics.jsonl"
@@ -53,7 +54,7 @@ def wandb_history(run_file: Path) -> list[dict]:
     with a crc32/length/type header (1 full, 2 first, 3 middle, 4 last) whose payloads are wandb_internal_pb2
     Records. A file cut short by a kill ends at its last whole record."""
     import struct
-    from wandb.proto import wandb_internal_pb2 as pb
+    pb = require("wandb.proto.wandb_internal_pb2", "monitor", "reading a W&B run file")
     data = Path(run_file).read_bytes()
     if data[:4] != b":W&B":
         return []
@@ -94,7 +95,7 @@ class Monitor:
             truncate_metrics(self.jsonl, resume_step)
         self.tb = self.wb = None
         if mcfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            SummaryWriter = _summary_writer()
             self.tb = SummaryWriter(str(self.dir / "tensorboard"),
                                     purge_step=None if resume_step is None else resume_step + 1)
         if mcfg.wandb:
@@ -124,9 +125,23 @@ class Monitor:
             self.wb = None
 
 
+def check_sinks(mcfg):
+    """MissingExtra now, on every rank, if a sink the config asks for is not installed (Monitor runs on rank 0 only,
+    after the engines are built)."""
+    if mcfg.tensorboard:
+        _summary_writer()
+    if mcfg.wandb:
+        require("wandb", "monitor", "monitor.wandb=true")
+
+
+def _summary_writer():
+    """torch.utils.tensorboard.SummaryWriter (it raises ImportError when the tensorboard package is missing)."""
+    return require("torch.utils.tensorboard", "monitor", "monitor.tensorboard=true").SummaryWriter
+
+
 def _wandb_run(out_dir: Path, mcfg, name: str, config: dict | None):
     """One W&B run per base, with an id kept in <dir>/wandb_id so relaunches continue the same run."""
-    import wandb
+    wandb = require("wandb", "monitor", "monitor.wandb=true")
     id_file = out_dir / "wandb_id"
     if not id_file.is_file():
         atomic_write_text(id_file, uuid.uuid4().hex[:12])
@@ -151,7 +166,7 @@ def log_prior(run_dir, mcfg, prior: dict, curve: dict):
     (its files under <run>/prior-monitor/wandb)."""
     out = Path(run_dir)
     if mcfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
+        SummaryWriter = _summary_writer()
         with SummaryWriter(str(out / "tensorboard" / "prior")) as tb:
             for i, w in enumerate(prior["weights"]):
                 tb.add_scalar("prior/weight", float(w), global_step=i)

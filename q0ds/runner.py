@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from .compat import repo_file
 from .config import ConfigError, RunConfig, load_config, save_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def launch_base(config_path, base: int, base_dir: Path, ranks: int = 1, threads:
     base_dir.mkdir(parents=True, exist_ok=True)
     deepspeed = Path(sys.executable).with_name("deepspeed")
     cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(ranks),
-           "--master_port", str(_free_port()), str(ROOT / "launchers" / "train.py"),
+           "--master_port", str(_free_port()), str(repo_file("launchers/train.py")),
            "--config", str(config_path), "--base", str(base)]
     env = dict(os.environ, Q0DS_NO_PROGRESS="1")
     if threads:
@@ -50,7 +51,7 @@ def launch_base(config_path, base: int, base_dir: Path, ranks: int = 1, threads:
     log = open(base_dir / "train.log", "a")
     log.write(f"\n$ {' '.join(cmd)}\n")
     log.flush()
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT if (ROOT / "launchers").is_dir() else None)
 
 
 def _steps_done(base_dir: Path) -> int:

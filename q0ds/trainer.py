@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from . import engine as E
+from .compat import enable_activation_checkpointing
 from .config import ConfigError, RunConfig, atomic_write_text, save_config
 from .data import PreparedData
 from .distill import distill_loss
 from .faults import crash_if, fault
 from .model import build_config
-from .monitor import Monitor
+from .monitor import Monitor, check_sinks
 from .runlock import BaseLock
 from .schedule import multipliers, perturb_scale, run_plan
 from .snapshot import snapshot_dir, token_logprobs, windows_fingerprint, write_scores, write_snapshot
@@ -167,6 +168,7 @@ class BaseTrainer:
             # with --bind_cores_to_rank), so 8 ranks would each use every core for host work (hashing, scoring)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         cfg.train.check_world(self.world)
+        check_sinks(cfg.monitor)        # every rank, before any build: a missing tensorboard/wandb is one line
         if not 0 <= base < cfg.bases:
             raise ConfigError(f"--base {base} is out of range: the run config has bases={cfg.bases}")
         self.data = PreparedData.open(cfg.data)
@@ -186,10 +188,10 @@ class BaseTrainer:
         # built partitioned (zero.Init) in the engine's dtype; the teacher without a random init (overwritten)
         student = E.build_partitioned(self.model_config, self.seed, ds, cfg.model.dropout)
         if t.activation_checkpointing:
-            # transformers 5.x modeling_utils.PreTrainedModel.activation_checkpointing_enable (the new name of
-            # gradient_checkpointing_enable): non-reentrant torch.utils.checkpoint around each decoder layer's
-            # __call__, so ZeRO-3's module hooks re-gather the layer's params in the recompute
-            student.activation_checkpointing_enable({"use_reentrant": False})
+            # transformers modeling_utils.PreTrainedModel.activation_checkpointing_enable (5.23; 5.17 calls it
+            # gradient_checkpointing_enable, compat picks the one present): non-reentrant torch.utils.checkpoint
+            # around each decoder layer's __call__, so ZeRO-3's module hooks re-gather the layer's params in the recompute
+            enable_activation_checkpointing(student, {"use_reentrant": False})
         self.student, self.sched = E.make_student(student, ds, cfg.optim,
                                                   lambda s: multipliers(min(s, self.plan.total_steps - 1), self.plan, cfg.schedule),
                                                   grad_clip=cfg.train.grad_clip)
