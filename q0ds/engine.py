@@ -254,8 +254,7 @@ def student_ds_config(base: dict, cfg, world: int) -> dict:
     params.update(lr=o.lr, weight_decay=o.weight_decay, betas=list(o.betas), eps=o.eps)
     c["gradient_clipping"] = cfg.train.grad_clip
     if o.name == "muon":
-        opt["type"] = "Muon"
-        params.pop("torch_adam", None)
+        opt["type"] = "Muon"        # a `torch_adam: true` in the file is kept: Muon's AdamW groups honour it too
         params.update(muon_lr=o.muon_lr, momentum=o.muon_momentum, adam_lr=o.lr)
         c["zero_optimization"]["reduce_scatter"] = False      # pitfall 2
         # Pitfall 1: ZeRO-3 takes the global norm over the Muon *updates* (stage3.py step():
@@ -381,10 +380,26 @@ def make_student(model, ds_cfg: dict, ocfg, mult_fn, grad_clip: float = 0.0):
     the engine's clip off: then the raw gradients of all groups are clipped to global norm `grad_clip`
     before Muon sees them (install_raw_grad_clip)."""
     import deepspeed
+    from . import engine_optim as O
+    ds_cfg, adam_note = O.choose_adam(ds_cfg)        # FusedAdam, else torch AdamW (a node without a CUDA toolkit)
+    muon_note = None
+    if ocfg.name == "muon":
+        from deepspeed.accelerator import get_accelerator
+        try:
+            compiled, why = O.choose_muon_compile(get_accelerator().device_name())
+        except O.RuntimeChoiceError as e:
+            raise ConfigError(str(e)) from None
+        O.use_eager_muon(not compiled)
+        muon_note = f"{'torch.compile' if compiled else 'eager (uncompiled)'}: {why}"
     engine, _, _, sched = deepspeed.initialize(model=model, model_parameters=param_groups(model, ocfg),
                                                config=ds_cfg, lr_scheduler=lambda opt: CyclicScheduler(opt, mult_fn))
     if ocfg.name == "muon" and grad_clip > 0:
         install_raw_grad_clip(engine, grad_clip)
+    engine.q0ds_runtime = O.runtime_summary(engine, adam_note, muon_note)
+    if rank() == 0:
+        rt = engine.q0ds_runtime
+        print(f"[q0ds] optimizer {rt['optimizer']}; Adam groups: {rt['adam']}"
+              + (f"; Newton-Schulz: {muon_note}" if muon_note else ""), flush=True)
     return engine, sched
 
 
