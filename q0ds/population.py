@@ -96,6 +96,8 @@ _topk = topk_weights               # the former private name
 def eval_run(run, ks=None, device=None) -> dict:
     """Validation NLL of the weighted top-K mixture for each K, the uniform top-K and uniform-all ablations,
     the best single member (by val: an oracle choice), and the baselines when present."""
+    from .devices import resolve_device
+    resolve_device(device)                                    # a bad --device fails before any work
     run = Path(run)
     if not (run / "prior.json").is_file():
         raise PriorError(f"{run / 'prior.json'} not found: run `q0ds fit-prior --run {run}` first")
@@ -241,6 +243,8 @@ def score_member_from_weights(snap_dir, run, splits=("val",), device=None):
 def rescore_run(run, members=None, device=None) -> list[str]:
     """`q0ds rescore`: score the named members (ids like base-00/cycle-0003) on the fitness and val sets, or,
     with no names, every snapshot of RUN that lacks a score file. Returns the ids rescored."""
+    from .devices import resolve_device
+    resolve_device(device)                                    # a bad --device fails before any work
     run = Path(run)
     snaps = list_snapshots(run, scored_only=False)
     by_id = {member_id(s): s for s in snaps}
