@@ -22,7 +22,8 @@ def main(config, out):
     cfg = load_config(config, [])
     tr = BaseTrainer(cfg, 0)
     tr._resume()
-    dump(tr, out + ".loaded")
+    if tr.step > 0:                              # resumed: the state as loaded, before any step
+        dump(tr, out + ".loaded")
     code = tr._train_loop()
     dump(tr, out)
     E.finish()
