@@ -68,3 +68,33 @@ def test_muon_resume_2_to_1_to_2_ranks(make_config, tmp_path):
     steps = [r for r in read_jsonl(Path(cfg.run_dir) / "bases/base-00/metrics.jsonl") if "event" not in r]
     assert [r["step"] for r in steps][-2:] == [3, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     assert (Path(cfg.run_dir) / "bases/base-00/done.json").is_file()
+
+
+def test_converter_writes_muon_momentum_where_deepspeeds_fails(tmp_path, monkeypatch):
+    """1 CPU rank, in-process: a Muon ZeRO-3 checkpoint. DeepSpeed's own converter raises KeyError: 'exp_avg';
+    q0ds's writes zero/<matrix>/momentum_buffer.pt equal to the engine's momentum, and Adam moments elsewhere."""
+    import argparse
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    from test_gpu_node import Net, _cfg, _train
+    from q0ds import engine as E
+    from q0ds import engine_universal
+    monkeypatch.setenv("Q0DS_MUON_COMPILE", "0")
+    E.setup_distributed()
+    cfg = _cfg("optim.name=muon")
+    torch.manual_seed(0)
+    eng, _ = E.make_student(Net(), E.student_ds_config(E.load_ds_config(cfg.ds_config), cfg, 1), cfg.optim,
+                            lambda s: (1.0, 1.0))
+    _train(eng, 2)
+    E.save_checkpoint(eng, tmp_path, "step-2", {"step": 2})
+    state = E.full_optimizer_state(eng)
+    with pytest.raises(KeyError, match="exp_avg"):
+        ds_to_universal(argparse.Namespace(input_folder=str(tmp_path / "step-2"), output_folder=str(tmp_path / "ds"),
+                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                           strict=True, inject_missing_state=False))
+    engine_universal.convert(tmp_path / "step-2", tmp_path / "q0")
+    zero = tmp_path / "q0" / "zero"
+    for name in ("up.weight", "down.weight"):
+        assert sorted(p.name for p in (zero / name).iterdir()) == ["fp32.pt", "momentum_buffer.pt"]
+        mom = torch.load(zero / name / "momentum_buffer.pt", weights_only=False)
+        assert torch.equal(mom.reshape(state[name]["momentum_buffer"].shape), state[name]["momentum_buffer"])
+    assert sorted(p.name for p in (zero / "embed.weight").iterdir()) == ["exp_avg.pt", "exp_avg_sq.pt", "fp32.pt"]
