@@ -2,7 +2,7 @@
 
     q0ds prepare --embedded --out data/embedded            tokenise a corpus (or --input PATH)
     q0ds init-config --preset tiny --data DATA --run RUN --out CONFIG.json [key=value ...]
-    q0ds train --config CONFIG --base 0 [key=value ...]    one base, 1 process on CPU (no launcher)
+    q0ds train --config CONFIG --base 0 [--device auto] [key=value ...]  one base, 1 process (no launcher)
     q0ds run --config CONFIG                               all bases, then prior, eval and report
     q0ds fit-prior --run RUN | eval --run RUN [--k 1,2,4] | report --run RUN
     q0ds rescore --run RUN [--member base-00/cycle-0003]   score snapshots whose score files are missing
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -71,7 +70,8 @@ def cmd_init_config(a):
 
 
 def cmd_train(a):
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from .devices import pin_ds_accelerator
+    pin_ds_accelerator(a.device)            # before DeepSpeed is imported; cpu only when asked or without a GPU
     from .config import load_config
     from .trainer import train_base
     return train_base(load_config(a.config, a.overrides), a.base)
@@ -92,13 +92,13 @@ def cmd_fit_prior(a):
 
 def cmd_rescore(a):
     from .population import rescore_run
-    rescore_run(a.run, members=a.member)
+    rescore_run(a.run, members=a.member, device=a.device)
     return 0
 
 
 def cmd_eval(a):
     from .population import eval_run
-    eval_run(a.run, ks=[int(k) for k in a.k.split(",")] if a.k else None)
+    eval_run(a.run, ks=[int(k) for k in a.k.split(",")] if a.k else None, device=a.device)
     return 0
 
 
@@ -182,7 +182,10 @@ def cmd_lm_eval(a):
 
 def cmd_distill_ensemble(a):
     from .ensemble_distill import distill_ensemble
-    return distill_ensemble(a.run, k=a.k, overrides=a.overrides)
+    return distill_ensemble(a.run, k=a.k, overrides=a.overrides, device=a.device)
+
+
+DEVICE_HELP = "auto (default: the GPU if torch sees one, else the CPU), cpu, cuda or cuda:N"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,12 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_init_config)
 
-    for name, fn, hlp in (("train", cmd_train, "train one base in this process (CPU, no launcher)"),
+    for name, fn, hlp in (("train", cmd_train, "train one base in this process (1 rank, no launcher)"),
                           ("config-get", cmd_config_get, "print one resolved config value")):
         s = sub.add_parser(name, help=hlp)
         s.add_argument("--config", required=True)
         if name == "train":
             s.add_argument("--base", type=int, default=0)
+            s.add_argument("--device", default="auto", help="auto (default), cpu or cuda: cpu sets DS_ACCELERATOR=cpu")
         else:
             s.add_argument("key")
         s.add_argument("overrides", nargs="*")
@@ -245,11 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True)
     s.add_argument("--member", action="append", help="base-XX/cycle-XXXX (repeatable); default: every "
                    "snapshot missing a score file")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.set_defaults(fn=cmd_rescore)
 
     s = sub.add_parser("eval", help="validation loss of the top-K mixtures")
     s.add_argument("--run", required=True)
     s.add_argument("--k", default=None, help="comma-separated K values (default 1,2,4,...,M)")
+    s.add_argument("--device", default="auto", help="for snapshots scored from their weights: " + DEVICE_HELP)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("report", help="report.md, report.json and plots")
@@ -305,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("distill-ensemble", help="distil the top-K mixture into one model")
     s.add_argument("--run", required=True)
     s.add_argument("--k", type=int, default=4)
+    s.add_argument("--device", default="auto", help="in-process runs: auto (default), cpu or cuda (DS_ACCELERATOR)")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_distill_ensemble)
 

@@ -1,4 +1,5 @@
-"""Where inference-side commands (generate, rescore, eval, in-process distill-ensemble) put their models.
+"""Where commands put their models: inference (generate, rescore, eval) and DeepSpeed (train, in-process
+distill-ensemble, through DS_ACCELERATOR).
 
 `--device auto` (the default) takes the accelerator when torch sees one and the CPU otherwise; an explicit
 `cpu`, `cuda` or `cuda:N` overrides it. Models run in bf16 on CUDA (what the snapshots hold) and in fp32 on
@@ -34,3 +35,23 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 def inference_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA, fp32 on the CPU."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def pin_ds_accelerator(spec: str | None = "auto") -> torch.device:
+    """Point DeepSpeed at the device of `--device SPEC` before it is imported (deepspeed.md section 12: the
+    accelerator is fixed at import). cpu (or auto without a GPU): DS_ACCELERATOR=cpu (auto keeps a value the
+    user set); cuda: DS_ACCELERATOR=cuda; auto with a GPU: left to DeepSpeed's detection (cuda)."""
+    import os
+    spec = "auto" if spec is None else str(spec)
+    dev = resolve_device(spec)
+    if dev.index not in (None, 0):
+        raise ConfigError(f"--device {spec}: a DeepSpeed rank uses the GPU of its LOCAL_RANK; select GPUs with "
+                          "CUDA_VISIBLE_DEVICES (or the launcher's --include) and pass --device cuda")
+    if dev.type == "cpu":
+        if spec == "auto":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        else:
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    elif spec != "auto" or os.environ.get("DS_ACCELERATOR") == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cuda"
+    return dev

@@ -255,8 +255,7 @@ def student_ds_config(base: dict, cfg, world: int) -> dict:
     params.update(lr=o.lr, weight_decay=o.weight_decay, betas=list(o.betas), eps=o.eps)
     c["gradient_clipping"] = cfg.train.grad_clip
     if o.name == "muon":
-        opt["type"] = "Muon"
-        params.pop("torch_adam", None)
+        opt["type"] = "Muon"        # a `torch_adam: true` in the file is kept: Muon's AdamW groups honour it too
         params.update(muon_lr=o.muon_lr, momentum=o.muon_momentum, adam_lr=o.lr)
         c["zero_optimization"]["reduce_scatter"] = False      # pitfall 2
         # Pitfall 1: ZeRO-3 takes the global norm over the Muon *updates* (stage3.py step():
@@ -383,10 +382,26 @@ def make_student(model, ds_cfg: dict, ocfg, mult_fn, grad_clip: float = 0.0):
     the engine's clip off: then the raw gradients of all groups are clipped to global norm `grad_clip`
     before Muon sees them (install_raw_grad_clip)."""
     import deepspeed
+    from . import engine_optim as O
+    ds_cfg, adam_note = O.choose_adam(ds_cfg)        # FusedAdam, else torch AdamW (a node without a CUDA toolkit)
+    muon_note = None
+    if ocfg.name == "muon":
+        from deepspeed.accelerator import get_accelerator
+        try:
+            compiled, why = O.choose_muon_compile(get_accelerator().device_name())
+        except O.RuntimeChoiceError as e:
+            raise ConfigError(str(e)) from None
+        O.use_eager_muon(not compiled)
+        muon_note = f"{'torch.compile' if compiled else 'eager (uncompiled)'}: {why}"
     engine, _, _, sched = deepspeed.initialize(model=model, model_parameters=param_groups(model, ocfg),
                                                config=ds_cfg, lr_scheduler=lambda opt: CyclicScheduler(opt, mult_fn))
     if ocfg.name == "muon" and grad_clip > 0:
         install_raw_grad_clip(engine, grad_clip)
+    engine.q0ds_runtime = O.runtime_summary(engine, adam_note, muon_note)
+    if rank() == 0:
+        rt = engine.q0ds_runtime
+        print(f"[q0ds] optimizer {rt['optimizer']}; Adam groups: {rt['adam']}"
+              + (f"; Newton-Schulz: {muon_note}" if muon_note else ""), flush=True)
     return engine, sched
 
 
@@ -516,6 +531,20 @@ def full_fp32_params(engine) -> dict:
     return {n: safe_get_full_fp32_param(p).detach().clone().cpu() for n, p in engine.module.named_parameters()}
 
 
+def full_optimizer_state(engine) -> dict:
+    """{param name: {state key: full fp32 tensor}} of every parameter, gathered (collective): momentum_buffer
+    for a Muon sub-group, exp_avg/exp_avg_sq for an Adam one. For tests and checks."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+    opt = engine.optimizer
+    muon = getattr(opt, "sub_groups_using_muon", None)
+    out = {}
+    for n, p in engine.module.named_parameters():
+        group = opt.grad_position[opt.get_param_id(p)][0]
+        keys = ("momentum_buffer",) if muon and muon[group] else ("exp_avg", "exp_avg_sq")
+        out[n] = {k: safe_get_full_optimizer_state(p, k).detach().clone().cpu() for k in keys}
+    return out
+
+
 def save_checkpoint(engine, ckpt_dir, tag: str, client_state: dict):
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
 
@@ -536,30 +565,28 @@ def universal_ds_config(ds_cfg: dict) -> dict:
 def to_universal(ckpt_dir, tag: str, source_world: int) -> Path:
     """Convert ZeRO checkpoint <ckpt_dir>/<tag> (written by `source_world` ranks) to a universal checkpoint in
     <ckpt_dir>/universal/<tag> with DeepSpeed's own converter (deepspeed/checkpoint/ds_to_universal.py, main:
-    its stage-3 path merges every rank's fp32 + Adam fragments into one file per parameter under zero/ and copies
-    the model-state files, which carry our client state). Rank 0 converts (serially: one worker, no fork inside a
-    process group), every rank waits; a finished conversion is reused. Collective. Returns the dir to load from
-    (tag unchanged), with the engine built from universal_ds_config."""
-    import argparse
+    its stage-3 path merges every rank's fp32 + optimizer-state fragments into one file per parameter under zero/
+    and copies the model-state files, which carry our client state), extended to Muon's momentum buffer
+    (engine_universal.py). Rank 0 converts (serially: one worker, no fork inside a process group), every rank
+    waits; a finished conversion is reused. Collective. Returns the dir to load from (tag unchanged), with the
+    engine built from universal_ds_config."""
+    from . import engine_universal
     src = Path(ckpt_dir) / tag
     root = Path(ckpt_dir) / UNIVERSAL_DIR
     out = root / tag
     error = None
     if rank() == 0 and not (out / UNIVERSAL_DONE).is_file():
         import shutil
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
         shutil.rmtree(out, ignore_errors=True)
         try:
-            ds_to_universal(argparse.Namespace(input_folder=str(src), output_folder=str(out), num_extract_workers=1,
-                                               num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                               inject_missing_state=False))
+            engine_universal.convert(src, out)
             (out / UNIVERSAL_DONE).write_text(f'{{"source_world_size": {source_world}}}\n')
         except Exception as e:                  # reported on every rank below, not just rank 0
             error = f"{type(e).__name__}: {e}"
     if any_rank(error is not None):
         raise RuntimeError(f"checkpoint {src} (world size {source_world}) could not be converted to a universal "
                            f"checkpoint ({error or 'failed on rank 0'}). Convert it by hand: python -m "
-                           f"deepspeed.checkpoint.ds_to_universal --input_folder {src} --output_folder {out} "
+                           f"q0ds.engine_universal --input_folder {src} --output_folder {out} "
                            f"&& touch {out / UNIVERSAL_DONE}, or relaunch with {source_world} ranks")
     return root
 
@@ -571,27 +598,18 @@ def drop_universal(ckpt_dir):
 
 
 def load_checkpoint(engine, ckpt_dir, tag: str) -> dict:
+    """Load a checkpoint written by this world size, or (engine built from universal_ds_config) a universal one.
+    The universal optimizer load is q0ds's (engine_universal.load_any_state), which also fixes two faults of
+    DeepSpeed 0.19.8's own (runtime/zero/stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3), found by
+    the 2 -> 1 rank resume test (loss off by 1e-2 one step after the resume): (1) every sub-group got the *same*
+    `step` tensor object, which torch's AdamW increments in place once per group (the bias correction then
+    advanced 4 per step with our 4 groups); (2) every param group got group 0's hyperparameters (the 1-D group
+    would get decay; with Muon, every group group 0's use_muon). lr/wd are re-synced by the trainer's scheduler."""
     universal = engine.load_universal_checkpoint()
-    inner = getattr(engine.optimizer, "optimizer", None)        # the torch optimizer inside ZeRO-3
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups] if universal else []
+    if universal:
+        from . import engine_universal
+        engine_universal.install_loader(engine)
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
-    if universal:
-        _repair_universal_load(inner, groups)
     return client
-
-
-def _repair_universal_load(inner, groups):
-    """Two faults of DeepSpeed 0.19.8's ZeRO-3 universal load (runtime/zero/stage3.py,
-    load_hp_checkpoint_state_from_checkpoint_dir_stage3), found by the 2 -> 1 rank resume test (loss off by 1e-2
-    one step after the resume): (1) every sub-group gets the *same* `step` tensor object (state[0]['step']);
-    torch's AdamW increments it in place once per group, so with our 4 groups the shared counter advances 4 per
-    step and the bias correction is wrong; each group gets its own copy. (2) every param group is given group
-    0's hyperparameters (name, weight_decay: the 1-D group would get decay); the groups' own values, built from
-    the same (fingerprint-checked) config, are put back. lr/wd are re-synced by the trainer's scheduler."""
-    for state in inner.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
-    for g, saved in zip(inner.param_groups, groups):
-        g.update(saved)

@@ -253,10 +253,12 @@ def student_recipe(cfg: RunConfig, spec: dict, opts: dict) -> dict:
             "seq_len": t.seq_len, "global_batch": t.global_batch, "run_config": cfg.fingerprint()}
 
 
-def distill_ensemble(run, k: int = 4, overrides=()) -> int:
-    """Train (or resume) the distilled student of RUN's top-K mixture, then write its report. Exit code."""
+def distill_ensemble(run, k: int = 4, overrides=(), device=None) -> int:
+    """Train (or resume) the distilled student of RUN's top-K mixture, then write its report. Exit code.
+    In-process (no launcher): one rank on `device` (devices.pin_ds_accelerator; default auto, like `q0ds train`)."""
     if "RANK" not in os.environ:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")       # in-process, 1 rank (like `q0ds train`)
+        from .devices import pin_ds_accelerator
+        pin_ds_accelerator(device)
     cfg, spec, opts = resolve(run, k, overrides)
     out = Path(cfg.run_dir)
     check_spec(out, spec, write=False)

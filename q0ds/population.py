@@ -24,8 +24,9 @@ class PriorError(ValueError):
     pass
 
 
-def load_member_scores(run, split: str, members=None, check_weights: bool = True):
-    """(ids, metas, P [M, N]) for every scored snapshot of a run (or the given ids), verified."""
+def load_member_scores(run, split: str, members=None, check_weights: bool = True, device=None):
+    """(ids, metas, P [M, N]) for every scored snapshot of a run (or the given ids), verified. A snapshot without
+    val scores is scored from its weights on `device` (devices.resolve_device: default auto)."""
     run = Path(run)
     snaps = list_snapshots(run)
     if members is not None:
@@ -41,7 +42,7 @@ def load_member_scores(run, split: str, members=None, check_weights: bool = True
     for s in snaps:
         meta = verify(s) if check_weights else read_meta(s)
         if split == "val" and not (s / "val.safetensors").is_file():
-            score_member_from_weights(s, run)
+            score_member_from_weights(s, run, device=device)
             meta = read_meta(s)
         if split == "fitness" and not (s / "fitness.safetensors").is_file():
             raise PriorError(f"{s / 'fitness.safetensors'} is missing: snapshot {member_id(s)} was never scored on "
@@ -92,14 +93,16 @@ def topk_weights(weights, k):
 _topk = topk_weights               # the former private name
 
 
-def eval_run(run, ks=None) -> dict:
+def eval_run(run, ks=None, device=None) -> dict:
     """Validation NLL of the weighted top-K mixture for each K, the uniform top-K and uniform-all ablations,
     the best single member (by val: an oracle choice), and the baselines when present."""
+    from .devices import resolve_device
+    resolve_device(device)                                    # a bad --device fails before any work
     run = Path(run)
     if not (run / "prior.json").is_file():
         raise PriorError(f"{run / 'prior.json'} not found: run `q0ds fit-prior --run {run}` first")
     prior = read_prior_json(run / "prior.json")
-    ids, metas, V = load_member_scores(run, "val", members=prior["members"])
+    ids, metas, V = load_member_scores(run, "val", members=prior["members"], device=device)
     M = len(ids)
     ks = sorted(set(ks or default_ks(M)))
     for k in ks:
@@ -206,17 +209,21 @@ def _print_eval(run, out):
               + (f", best {b['best_val_loss']:.4f} at epoch {b['saturation_epoch']:.1f}" if "best_val_loss" in b else ""))
 
 
-def score_member_from_weights(snap_dir, run, splits=("val",)):
+def score_member_from_weights(snap_dir, run, splits=("val",), device=None):
     """Score a snapshot from its weights (one model in memory) on the run's SPLITS and store the scores: the
     fallback when a snapshot has no cached val scores, and `q0ds rescore`. The scoring sets are rebuilt from
-    the run's prepared data and must match the fingerprints the trainer recorded."""
+    the run's prepared data and must match the fingerprints the trainer recorded. The model goes to `device`
+    (devices.resolve_device: auto = the GPU if torch sees one) in devices.inference_dtype (bf16 on CUDA)."""
     from transformers import AutoModelForCausalLM
+    from .devices import inference_dtype, resolve_device
     from .data import PreparedData
     from .snapshot import token_logprobs, windows_fingerprint, write_scores
     cfg = read_config_file(Path(run) / "config.json")
     data = PreparedData.open(cfg["data"])
     meta = verify(snap_dir)
-    model = AutoModelForCausalLM.from_pretrained(snap_dir, local_files_only=True).eval()
+    dev = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(snap_dir, local_files_only=True,
+                                                 dtype=inference_dtype(dev)).to(dev).eval()
     scores, updates = {}, {}
     for split in splits:
         windows, mask = data.eval_windows(split, cfg["train"]["seq_len"])
@@ -233,9 +240,11 @@ def score_member_from_weights(snap_dir, run, splits=("val",)):
     del model
 
 
-def rescore_run(run, members=None) -> list[str]:
+def rescore_run(run, members=None, device=None) -> list[str]:
     """`q0ds rescore`: score the named members (ids like base-00/cycle-0003) on the fitness and val sets, or,
     with no names, every snapshot of RUN that lacks a score file. Returns the ids rescored."""
+    from .devices import resolve_device
+    resolve_device(device)                                    # a bad --device fails before any work
     run = Path(run)
     snaps = list_snapshots(run, scored_only=False)
     by_id = {member_id(s): s for s in snaps}
@@ -248,7 +257,7 @@ def rescore_run(run, members=None) -> list[str]:
     else:
         todo = [s for s in snaps if not all((s / f"{k}.safetensors").is_file() for k in ("fitness", "val"))]
     for s in todo:
-        score_member_from_weights(s, run, splits=("fitness", "val"))
+        score_member_from_weights(s, run, splits=("fitness", "val"), device=device)
         print(f"[q0ds] rescored {member_id(s)}: val loss {read_meta(s)['val_loss']:.4f}", flush=True)
     if not todo:
         print(f"[q0ds] every snapshot of {run} has its fitness and val scores; nothing to rescore", flush=True)

@@ -221,6 +221,7 @@ class BaseTrainer:
         if self.rank == 0:      # after resume: it cuts metrics.jsonl back to the checkpoint (also a fresh start: 0)
             self.monitor = Monitor(self.dir, self.cfg.monitor, name=f"{Path(self.cfg.run_dir).name}/base-{self.base:02d}",
                                    config=self.cfg.to_dict(), resume_step=self.step)
+            self._log({"event": "runtime", "step": self.step, **getattr(self.student, "q0ds_runtime", {})})
         try:
             return self._train_loop()
         finally:
@@ -280,7 +281,9 @@ class BaseTrainer:
         # host sync per step (the .tolist()); it also tells every rank about a NaN.
         stop = self.signals.caught is not None or fault("preempt_at_step") == self.step + 1
         sums[3] = float(stop)
-        sums = E.all_reduce_(sums, dev).tolist()
+        sums = E.all_reduce_(sums, dev)
+        norm = getattr(self.student, "q0ds_raw_grad_norm", None)   # Muon + grad_clip: the raw norm (same on all ranks)
+        sums = torch.cat([sums, norm.reshape(1).to(dev)]).tolist() if norm is not None else sums.tolist()
         loss, ce, kl = (v / (n_micro * self.world) for v in sums[:3])
         if not math.isfinite(loss) and t.nan_policy == "stop":
             # ZeRO-3 flags the non-finite gradient as overflow and skips the update, so the weights are still good
@@ -288,7 +291,7 @@ class BaseTrainer:
                                 f"was skipped, and the last good checkpoint in {self.ckpt_dir} and all finished snapshots "
                                 "are intact. Lower optim.lr or set train.nan_policy=skip, then relaunch to resume")
         return {"lr_mult": lr_m, "wd_mult": wd_m, "loss": loss, "ce": ce, "kl": kl, "distilled": distilled,
-                "stop": sums[3] > 0}
+                "stop": sums[3] > 0, **({"grad_norm": sums[4]} if norm is not None else {})}
 
     def _distilled(self, cyc) -> bool:
         """Does this cycle learn from a teacher? (Hook: ensemble_distill.py's teacher is the top-K mixture.)"""
@@ -452,10 +455,7 @@ class BaseTrainer:
             rec["peak_gpu_mem_bytes"] = torch.cuda.max_memory_allocated()
         if self.rank == 0:
             if self.step % self.cfg.train.log_every == 0 or self.step == cyc.end_step:
-                norm = getattr(self.student, "q0ds_raw_grad_norm", None)
-                if norm is not None:                         # Muon + grad_clip: the raw norm before clipping
-                    rec["grad_norm"] = norm.item()
-                self._log(rec)
+                self._log(rec)                               # grad_norm (Muon + grad_clip) rode in the step's .tolist()
             if bar:
                 bar.update(1)
                 bar.set_postfix(ep=f"{rec['epoch']:.2f}", cyc=cyc.index, loss=f"{parts['loss']:.3f}",

@@ -10,7 +10,7 @@ def test_unconvertible_checkpoint_says_how_to_convert(tmp_path):
     with pytest.raises(RuntimeError) as e:
         E.to_universal(tmp_path, "step-00000004", source_world=2)
     msg = str(e.value)
-    assert "python -m deepspeed.checkpoint.ds_to_universal --input_folder" in msg and "relaunch with 2 ranks" in msg
+    assert "python -m q0ds.engine_universal --input_folder" in msg and "relaunch with 2 ranks" in msg
     assert not (tmp_path / "universal" / "step-00000004" / E.UNIVERSAL_DONE).exists()
 
 
