@@ -221,7 +221,6 @@ class BaseTrainer:
         if self.rank == 0:      # after resume: it cuts metrics.jsonl back to the checkpoint (also a fresh start: 0)
             self.monitor = Monitor(self.dir, self.cfg.monitor, name=f"{Path(self.cfg.run_dir).name}/base-{self.base:02d}",
                                    config=self.cfg.to_dict(), resume_step=self.step)
-            self._log({"event": "runtime", "step": self.step, **getattr(self.student, "q0ds_runtime", {})})
         try:
             return self._train_loop()
         finally:
