@@ -11,7 +11,6 @@ and snapshot.json says `"scored": true` only when they are all there.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -25,7 +24,7 @@ import torch
 
 from .config import atomic_write_text
 from .faults import crash_if
-from .files import save_safetensors
+from .files import save_safetensors, write_failure
 
 
 class SnapshotError(ValueError):
@@ -81,11 +80,11 @@ def write_snapshot(out_dir, state_dict, model_config, tokenizer_dir, meta: dict)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        failed = write_failure(out_dir, e, "earlier snapshots and the last checkpoint are intact")
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise SnapshotError(f"out of disk space while writing snapshot {out_dir} ({e}); earlier snapshots and the "
-                                "last checkpoint are intact: free space on that filesystem and relaunch to resume") from e
+        if failed is not None:
+            raise failed from e
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -98,8 +97,12 @@ def write_scores(out_dir, scores: dict, updates: dict) -> dict:
     out_dir = Path(out_dir)
     for name, p in scores.items():
         tmp = out_dir / f".{name}.safetensors.tmp"
-        save_safetensors({"p": p.float().contiguous()}, tmp)
-        os.replace(tmp, out_dir / f"{name}.safetensors")
+        try:
+            save_safetensors({"p": p.float().contiguous()}, tmp)
+            os.replace(tmp, out_dir / f"{name}.safetensors")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     meta = read_meta(out_dir)
     meta.update(updates, scored=True)
     meta.update({f"{k}_sha256": sha256_file(out_dir / f"{k}.safetensors") for k in scores})
