@@ -558,12 +558,18 @@ def full_fp32_params(engine) -> dict:
 def save_checkpoint(engine, ckpt_dir, tag: str, client_state: dict) -> BaseException | None:
     """Collective. None, or this rank's exception from a failed write (disk full: torch.save's RuntimeError or
     an OSError), returned for agree_error. DeepSpeed 0.19.8's DeepSpeedEngine.save_checkpoint
-    (runtime/engine.py:4869) writes every file after its last collective but one (the tag validation
-    all-reduces at :4912; _create_checkpoint_file swallows OSError, :5362) and ends with dist.barrier() (:4964):
-    a rank whose write failed joins that barrier here, so the ranks stay in step."""
+    (runtime/engine.py:4869) writes every file after the tag validation all-reduce (:4912;
+    _create_checkpoint_file swallows OSError, :5362), then runs two more collectives: ZeRO-3's
+    checkpoint_event_epilogue (:4954 -> zero/stage3.py:3847, an all-gather of the persistent parameters) and a
+    final dist.barrier() (:4964). A rank whose write failed skipped both; it runs them here, so the ranks stay
+    in step (found by the 2-rank tmpfs test: without the epilogue the healthy rank hung in that all-gather).
+    save_latest=False: the `latest` file is written after the epilogue (a failure there could not be told
+    apart), and q0ds never reads it (it loads by tag; q0ds_complete.json marks a finished checkpoint)."""
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     except (OSError, RuntimeError) as e:
+        if engine._optimizer_has_ckpt_event_epilogue():
+            engine.optimizer.checkpoint_event_epilogue()
         barrier()
         return e
     return None
