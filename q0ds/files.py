@@ -37,8 +37,16 @@ def set_default_mode(path) -> None:
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     """safetensors.torch.save_file with the umask-derived mode instead of its temp file's 0600."""
+    import re
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
-    save_file(tensors, path, metadata=metadata)
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:          # a full disk: "I/O error: No space left on device (os error 28)"
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
     set_default_mode(path)
 
 
@@ -110,12 +118,14 @@ _TORCH_WRITE_ERRORS = ("iostream error", "unexpected pos", "file write failed", 
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-class WriteFailed(RuntimeError):
-    """A write of q0ds output failed; the message names the file, the free space and what to do."""
+class WriteFailed(OSError):
+    """A write of q0ds output failed; the message names the file, the free space and what to do. An OSError
+    (with the cause's errno), so code that handles a failed write handles this one too."""
 
     def __init__(self, message: str, path=None, cause: BaseException | None = None):
         super().__init__(message)
         self.path, self.cause = path, cause
+        self.errno = getattr(cause, "errno", None)
 
 
 def mount_point(path) -> Path:

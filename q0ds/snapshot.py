@@ -100,8 +100,10 @@ def write_scores(out_dir, scores: dict, updates: dict) -> dict:
         try:
             save_safetensors({"p": p.float().contiguous()}, tmp)
             os.replace(tmp, out_dir / f"{name}.safetensors")
-        except BaseException:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise write_failure(out_dir / f"{name}.safetensors", e) from e
             raise
     meta = read_meta(out_dir)
     meta.update(updates, scored=True)

@@ -28,7 +28,7 @@ from .config import ConfigError, RunConfig, atomic_write_text, save_config
 from .data import PreparedData
 from .distill import distill_loss
 from .faults import crash_if, fault
-from .files import WriteFailed, write_failure
+from .files import write_failure
 from .model import build_config
 from .monitor import Monitor
 from .runlock import BaseLock
@@ -334,7 +334,7 @@ class BaseTrainer:
         if self.rank == 0:                                                 # 1. save first
             try:
                 write_snapshot(snap, state, self.model_config, self.data.tokenizer_dir, self._snapshot_meta(cyc))
-            except (OSError, WriteFailed) as e:
+            except OSError as e:                                        # WriteFailed included
                 err = self._failure(snap, e)
         self._agree(err)                                                   # (the barrier before scoring)
         scores = self._score()                                            # 2. score (all ranks)

@@ -76,7 +76,9 @@ def reference(tmp_path_factory, embedded_data):
 
 
 def error_lines(text: str) -> list[str]:
-    return [l for l in text.splitlines() if "error:" in l and l.startswith("q0ds train (rank")]
+    """`q0ds train (rank R): error: ...` lines (the launcher may interleave the ranks' output mid-line)."""
+    import re
+    return [m.group(0) for m in re.finditer(r"q0ds train \(rank \d+\): error: [^\n]*", text)]
 
 
 @needs_tmpfs
@@ -139,8 +141,8 @@ mkdir -p "{out}/final" && cp -a "{fs}/run/." "{out}/final/"
 
 
 @needs_tmpfs
-def test_fit_prior_and_eval_on_a_full_disk(reference, tmp_path):
-    """prior.json / eval.json on a full filesystem: one line naming the file, the free space and the fix, exit
+def test_fit_prior_on_a_full_disk(reference, tmp_path):
+    """prior.json on a full filesystem (eval.json, report files and config.json take the same atomic write): one line naming the file, the free space and the fix, exit
     2, no temp file left; the run's snapshots are untouched."""
     _, ref = reference
     fs = tmp_path / "fs"
@@ -228,3 +230,13 @@ def test_read_only_run_dir_with_a_checkpoint_blames_no_file(reference, tmp_path)
     assert set(lines) == {"q0ds train (rank 0)", "q0ds train (rank 1)"} and len(set(lines.values())) == 1, lines
     assert "writable" in lines["q0ds train (rank 0)"]
     assert "could not be loaded" not in out and "delete that dir" not in out
+
+
+def test_resume_drops_a_torn_metrics_line(tmp_path):
+    """A metrics line cut short by a full disk (or a kill) used to make the resume's truncate_metrics raise
+    JSONDecodeError; now the torn line is dropped with the records past the checkpoint."""
+    from q0ds.monitor import truncate_metrics
+    m = tmp_path / "metrics.jsonl"
+    m.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    truncate_metrics(m, 2)
+    assert m.read_text() == '{"step": 1}\n{"step": 2}\n'
