@@ -78,7 +78,8 @@ def reference(tmp_path_factory, embedded_data):
 def error_lines(text: str) -> list[str]:
     """`q0ds train (rank R): error: ...` lines (the launcher may interleave the ranks' output mid-line)."""
     import re
-    return [m.group(0) for m in re.finditer(r"q0ds train \(rank \d+\): error: [^\n]*", text)]
+    return [m.group(0).rstrip() for m in
+            re.finditer(r"q0ds train \(rank \d+\): error: (?:(?!q0ds train \(rank)[^\n])*", text)]
 
 
 @needs_tmpfs
