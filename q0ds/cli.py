@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 
 
 from .errors import user_errors
@@ -322,13 +325,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every `finally`/`except BaseException` removes its temp
+    files (an atomic write's, prepare's temp dir). `q0ds train` installs its own handler (checkpoint, exit 75)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(signal.Signals(signum).name)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.fn(args) or 0
     except user_errors() as e:
         print(f"q0ds {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except (Terminated, KeyboardInterrupt) as e:
+        name = str(e) or "SIGINT"
+        print(f"q0ds {args.cmd}: stopped by {name}; files being written were not installed and their temp "
+              "files were removed", file=sys.stderr)
+        return 128 + getattr(signal, name, signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -286,15 +286,28 @@ def save_config(cfg: RunConfig, path):
 
 
 def atomic_write_text(path, text: str):
-    """Write via a temp file in the same directory + os.replace, so readers never see half a file."""
+    """Write via a temp file in the same directory + os.replace, so readers never see half a file. The temp file
+    is removed on any failure (and on SIGTERM/SIGINT in the CLI, which turns them into exceptions); ones left by
+    a killed writer are removed by the next write of the same path (files.remove_stale_temps)."""
+    from .files import WriteFailed, remove_stale_temps, temp_name, write_failure
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    remove_stale_temps(path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and not isinstance(e, WriteFailed):
+            raise write_failure(path, e) from e     # one line: the file, the free space, what to do
+        raise
 
 
 def get_key(cfg: RunConfig, key: str):

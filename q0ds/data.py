@@ -85,9 +85,13 @@ def prepare(out_dir, input=None, embedded=False, tokenizer=None, vocab_size=2048
             print(f"prepare: {note}", flush=True)
     else:
         docs, source = _read_documents(Path(input), text_field)
+    n_read = len(docs)
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise DataError(f"empty corpus: {source} has no non-empty documents")
+        what = (f"its {n_read} records are all null or blank in field '{text_field}'" if n_read and not embedded
+                else "it has no documents")
+        raise DataError(f"empty corpus: {source}: {what}; pass --text-field naming the column that holds the "
+                        "text, or an input with non-empty documents")
     print(f"prepare: {len(docs)} documents from {source}", flush=True)
     docs = [docs[i] for i in np.random.default_rng(seed).permutation(len(docs))]
 
@@ -238,7 +242,9 @@ def _read_documents(path: Path, text_field: str):
                 raise DataError(f"{names[0]}: no field '{field}' (columns: {ds.column_names}); pass --text-field")
             for value in ds[field]:
                 if value is not None and not isinstance(value, str):
-                    raise DataError(f"{names[0]}: field '{field}' holds {type(value).__name__}, not text")
+                    raise DataError(f"{names[0]}: field '{field}' holds {type(value).__name__}, not text "
+                                    f"(columns: {ds.column_names}); pass --text-field naming a string column, or "
+                                    f"convert '{field}' to strings")
                 docs.append((value or "").strip("\n") if builder == "text" else (value or ""))
     return docs, f"{path.resolve()} ({len(files)} file{'s' * (len(files) > 1)})"
 
@@ -252,7 +258,9 @@ def _load_tokenizer(path):
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        raise DataError(f"could not load the tokenizer in {path}: {e}") from e
+        raise DataError(f"could not load the tokenizer in {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "pass a dir written by a tokenizer's save_pretrained (its tokenizer.json must be valid "
+                        "JSON), or omit --tokenizer to train a byte-level BPE") from e
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer {path} has no eos token; documents are separated by it: set eos_token")
     return tok
@@ -418,7 +426,16 @@ class PreparedData:
 
     def load_tokenizer(self):
         """The tokenizer the tokens were made with, checked against meta.json."""
-        tok = _load_tokenizer(self.tokenizer_dir)
+        from .files import json_problem
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            problem = json_problem(self.tokenizer_dir / name) if (self.tokenizer_dir / name).exists() else None
+            if problem:
+                raise DataError(f"{self.tokenizer_dir / name} (the tokenizer of prepared data {self.path}) is "
+                                f"unusable: {problem}; {_rerun(self.path)} to rewrite it")
+        try:
+            tok = _load_tokenizer(self.tokenizer_dir)
+        except DataError as e:
+            raise DataError(f"{e}; the prepared data dir is damaged: {_rerun(self.path)}") from None
         if len(tok) != self.vocab_size:
             raise DataError(f"tokenizer vocab mismatch: {self.tokenizer_dir} has {len(tok)} tokens but the data was "
                             f"prepared with {self.vocab_size}; {_rerun(self.path)}")

@@ -127,6 +127,47 @@ def any_rank(flag: bool, device=None) -> bool:
     return bool(all_reduce_(torch.tensor([1.0 if flag else 0.0]), device, "max").item() > 0)
 
 
+class RankFailed(RuntimeError):
+    """Raised by agree_error on the ranks that did not fail themselves, when the failing rank's error was a bug
+    (not a user error): its type and message, so the other ranks do not die later on a collective."""
+
+
+_AGREE_BYTES = 2048
+
+
+def agree_error(error: BaseException | None, device=None) -> None:
+    """Collective, at a point every rank reaches (start-up, resume, checkpoint and snapshot boundaries): each
+    rank passes the exception it caught since the last agreement, or None. If any rank has one, every rank
+    raises: a failing rank its own exception (traceback kept), the others the first failing rank's, rebuilt
+    with the same type when it is a user error (q0ds.errors.user_errors: the entry point prints the same one
+    line and exits 2 on every rank) and RankFailed otherwise. So no rank goes on into a collective its peer
+    will never join (gloo: "Connection closed by peer"), nor prints advice about files that are fine."""
+    if not _multi():
+        if error is not None:
+            raise error
+        return
+    if device is None:
+        from deepspeed.accelerator import get_accelerator
+        device = get_accelerator().current_device_name()
+    payload = b"" if error is None else f"{type(error).__name__}\n{error}".encode()[:_AGREE_BYTES - 1]
+    row = torch.zeros(_AGREE_BYTES, dtype=torch.uint8)
+    if error is not None:
+        row[0] = 1
+        row[1:1 + len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    rows = all_gather_cat(row[None], device).cpu()
+    failed = [r for r in range(rows.shape[0]) if rows[r, 0]]
+    if not failed:
+        return
+    if error is not None:
+        raise error
+    name, _, msg = bytes(rows[failed[0], 1:].tolist()).rstrip(b"\0").decode(errors="replace").partition("\n")
+    from .errors import user_errors
+    by_name = {t.__name__: t for t in user_errors()}
+    if name in by_name:
+        raise by_name[name](msg)
+    raise RankFailed(f"rank {failed[0]} failed ({name}: {msg}); see its output above")
+
+
 def barrier():
     if torch.distributed.is_initialized():
         import deepspeed.comm as dist
@@ -545,8 +586,24 @@ def full_optimizer_state(engine) -> dict:
     return out
 
 
-def save_checkpoint(engine, ckpt_dir, tag: str, client_state: dict):
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
+def save_checkpoint(engine, ckpt_dir, tag: str, client_state: dict) -> BaseException | None:
+    """Collective. None, or this rank's exception from a failed write (disk full: torch.save's RuntimeError or
+    an OSError), returned for agree_error. DeepSpeed 0.19.8's DeepSpeedEngine.save_checkpoint
+    (runtime/engine.py:4869) writes every file after the tag validation all-reduce (:4912;
+    _create_checkpoint_file swallows OSError, :5362), then runs two more collectives: ZeRO-3's
+    checkpoint_event_epilogue (:4954 -> zero/stage3.py:3847, an all-gather of the persistent parameters) and a
+    final dist.barrier() (:4964). A rank whose write failed skipped both; it runs them here, so the ranks stay
+    in step (found by the 2-rank tmpfs test: without the epilogue the healthy rank hung in that all-gather).
+    save_latest=False: the `latest` file is written after the epilogue (a failure there could not be told
+    apart), and q0ds never reads it (it loads by tag; q0ds_complete.json marks a finished checkpoint)."""
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as e:
+        if engine._optimizer_has_ckpt_event_epilogue():
+            engine.optimizer.checkpoint_event_epilogue()
+        barrier()
+        return e
+    return None
 
 
 UNIVERSAL_DIR = "universal"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
+    from .files import WriteFailed
     from .data import DataError
     from .model import ModelError
     from .population import PriorError
@@ -17,7 +18,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .snapshot import SnapshotError
     from .trainer import NonFiniteLoss, ResumeError
     errs = [ConfigError, DataError, ModelError, SnapshotError, ResumeError, NonFiniteLoss, PriorError,
-            LockError, FileNotFoundError]
+            LockError, WriteFailed, FileNotFoundError]
     try:
         from .lm_eval_adapter import LMEvalError
         errs.append(LMEvalError)

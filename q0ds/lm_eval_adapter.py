@@ -136,10 +136,12 @@ def _tokenizer_fingerprint(tok) -> str:
 
 def check_shared_tokenizer(paths) -> None:
     """Raise LMEvalError unless every dir has the same tokenizer and the same model vocab size."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
+    from .snapshot import check_files, load_tokenizer
     ref = None
     for p in paths:
-        tok = AutoTokenizer.from_pretrained(str(p))
+        check_files(p)                             # config.json and the tokenizer files parse (names the file)
+        tok = load_tokenizer(p)
         vocab = AutoConfig.from_pretrained(str(p)).vocab_size
         fp = (_tokenizer_fingerprint(tok), vocab)
         if ref is None:

@@ -78,10 +78,20 @@ def wandb_history(run_file: Path) -> list[dict]:
     return rows
 
 
+def _record(line: str):
+    """A metrics.jsonl line as a dict; None for a blank or torn line (a write cut short by a full disk/kill)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def truncate_metrics(path: Path, step: int):
-    """Drop records past `step` (the checkpoint being resumed): the resumed run re-logs them identically."""
+    """Drop records past `step` (the checkpoint being resumed), and torn lines: the resumed run re-logs them
+    identically."""
     if path.is_file():
-        keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        keep = [l for l in path.read_text().splitlines() if _record(l) is not None and _record(l).get("step", 0) <= step]
         atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 

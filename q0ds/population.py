@@ -143,9 +143,9 @@ def epochs_spent(run) -> float:
     """Training epochs summed over all bases (the budget q0 is charged)."""
     total = 0.0
     for base in sorted(Path(run).glob("bases/base-*")):
-        snaps = sorted(base.glob("snapshots/cycle-*/snapshot.json"))
+        snaps = [s for s in list_snapshots(run, scored_only=False) if s.parent.parent == base]
         if snaps:
-            total += json.loads(snaps[-1].read_text())["epoch"]
+            total += read_meta(snaps[-1])["epoch"]
     return total
 
 

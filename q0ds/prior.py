@@ -21,15 +21,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from .files import set_default_mode
+from .config import atomic_write_text
 
 _TINY = torch.finfo(torch.float32).tiny      # probabilities are clamped here before the log
 _BLOCK = 4096                                # tokens per block: 480 x 4096 x 4 B = 7.9 MB, fits L3
@@ -271,19 +269,7 @@ def write_prior_json(path, member_ids, fit: PriorFit, ks=None, extra: dict | Non
     doc = {"members": member_ids, "logits": fit.logits, "weights": fit.weights, "fit_loss": fit.loss,
            "steps": fit.steps, "chosen": fit.chosen, "baselines": fit.baselines, "topk": table,
            **(extra or {})}
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".prior-", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        set_default_mode(tmp)       # mkstemp's 0600 would keep prior.json private to its writer
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False))
 
 
 def read_prior_json(path) -> dict:

@@ -11,19 +11,20 @@ and snapshot.json says `"scored": true` only when they are all there.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 from .config import atomic_write_text
 from .faults import crash_if
-from .files import save_safetensors
+from .files import save_safetensors, write_failure
 
 
 class SnapshotError(ValueError):
@@ -79,11 +80,11 @@ def write_snapshot(out_dir, state_dict, model_config, tokenizer_dir, meta: dict)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        failed = write_failure(out_dir, e, "earlier snapshots and the last checkpoint are intact")
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise SnapshotError(f"out of disk space while writing snapshot {out_dir} ({e}); earlier snapshots and the "
-                                "last checkpoint are intact: free space on that filesystem and relaunch to resume") from e
+        if failed is not None:
+            raise failed from e
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,8 +97,14 @@ def write_scores(out_dir, scores: dict, updates: dict) -> dict:
     out_dir = Path(out_dir)
     for name, p in scores.items():
         tmp = out_dir / f".{name}.safetensors.tmp"
-        save_safetensors({"p": p.float().contiguous()}, tmp)
-        os.replace(tmp, out_dir / f"{name}.safetensors")
+        try:
+            save_safetensors({"p": p.float().contiguous()}, tmp)
+            os.replace(tmp, out_dir / f"{name}.safetensors")
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise write_failure(out_dir / f"{name}.safetensors", e) from e
+            raise
     meta = read_meta(out_dir)
     meta.update(updates, scored=True)
     meta.update({f"{k}_sha256": sha256_file(out_dir / f"{k}.safetensors") for k in scores})
@@ -115,9 +122,64 @@ def read_meta(snap_dir) -> dict:
         raise SnapshotError(f"{p} is corrupt ({e}); delete the snapshot dir and re-run its cycle") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _restore_hint(snap_dir) -> str:
+    """What to do about a damaged config/tokenizer file of a snapshot: copy it back from the prepared data."""
+    snap_dir = Path(snap_dir)
+    run_cfg = snap_dir.parent.parent.parent.parent / "config.json"     # RUN/bases/base-XX/snapshots/cycle-XXXX
+    try:
+        data = json.loads(run_cfg.read_text())["data"]
+        src = f"{Path(data) / 'tokenizer'}/*"
+    except (OSError, ValueError, KeyError, TypeError):
+        src = "<prepared data dir>/tokenizer/*"
+    return (f"copy the tokenizer back from the prepared data (cp {src} {snap_dir}/), or delete {snap_dir} and "
+            "re-run its cycle")
+
+
+def check_files(snap_dir) -> None:
+    """The small JSON files a snapshot is loaded by (config.json, the tokenizer's) parse; SnapshotError names
+    the first that does not."""
+    snap_dir = Path(snap_dir)
+    from .files import json_problem
+    for name in ("config.json", *TOKENIZER_FILES):
+        p = snap_dir / name
+        if name != "config.json" and not p.exists():
+            continue                  # a tokenizer without a tokenizer.json (slow one): AutoTokenizer decides
+        problem = json_problem(p)
+        if problem:
+            what = "the model config" if name == "config.json" else "the tokenizer"
+            hint = ("delete the snapshot dir and re-run its cycle" if name == "config.json"
+                    else _restore_hint(snap_dir))
+            raise SnapshotError(f"{p} ({what} of snapshot {snap_dir.name}) is unusable: {problem}; {hint}")
+
+
+def load_tokenizer(snap_dir):
+    """The tokenizer of a snapshot (or of any dir saved with save_pretrained), checked: a file that does not
+    parse or load is a SnapshotError naming it and the fix, never a JSONDecodeError traceback. Every command
+    that loads a snapshot's tokenizer goes through here."""
+    from transformers import AutoTokenizer
+    snap_dir = Path(snap_dir)
+    from .files import json_problem
+    for name in TOKENIZER_FILES:
+        p = snap_dir / name
+        if p.exists():
+            problem = json_problem(p)
+            if problem:
+                raise SnapshotError(f"{p} (the tokenizer of {snap_dir}) is unusable: {problem}; {_restore_hint(snap_dir)}")
+    try:
+        return AutoTokenizer.from_pretrained(snap_dir, local_files_only=True)
+    except Exception as e:
+        raise SnapshotError(f"the tokenizer in {snap_dir} could not be loaded ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}); {_restore_hint(snap_dir)}") from e
+
+
 def verify(snap_dir) -> dict:
-    """Check the weights' sha256 against snapshot.json (corrupt or tampered files are refused)."""
+    """Check the weights' sha256 against snapshot.json (corrupt or tampered files are refused), and that its
+    config and tokenizer files parse."""
     meta = read_meta(snap_dir)
+    check_files(snap_dir)
     weights = Path(snap_dir) / "model.safetensors"
     if not weights.is_file():
         raise SnapshotError(f"{weights} is missing; the snapshot is incomplete")
@@ -140,15 +202,48 @@ def load_scores(snap_dir, name: str, check_hash: bool = True) -> torch.Tensor:
     return load_file(path)["p"]
 
 
+_WARNED: set = set()                 # non-member dirs already reported by this process (one line each)
+
+
+def is_canonical(path) -> bool:
+    """Is PATH named exactly as the trainer names a member: bases/base-XX/snapshots/cycle-XXXX (zero-padded)?"""
+    snap, base = Path(path).name, Path(path).parent.parent.name
+    return (re.fullmatch(r"cycle-\d{4,}", snap) is not None and snap == f"cycle-{int(snap[6:]):04d}"
+            and re.fullmatch(r"base-\d{2,}", base) is not None and base == f"base-{int(base[5:]):02d}")
+
+
 def list_snapshots(run_dir, scored_only: bool = True) -> list[Path]:
-    """Complete snapshot dirs of every base of a run, ordered by (base, cycle). Temp dirs are never listed."""
-    out = []
-    for d in sorted(Path(run_dir).glob("bases/base-*/snapshots/cycle-*")):
+    """Complete snapshot dirs of every base of a run, ordered by (base, cycle). Only canonical names are members
+    (temp dirs, a user's copy `cycle-0002.bak` or `base-00-old` are not: one warning line names what is
+    ignored); two members with the same weights (sha256 in snapshot.json: one is a copy) are refused."""
+    out, ignored = [], []
+    for d in sorted(Path(run_dir).glob("bases/*/snapshots/*")):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        if not is_canonical(d):
+            if (d / "snapshot.json").is_file() or (d / "model.safetensors").is_file():
+                ignored.append(d)
+            continue
         if not (d / "snapshot.json").is_file():
             continue
         if scored_only and not read_meta(d).get("scored"):
             continue
         out.append(d)
+    fresh = [d for d in ignored if d not in _WARNED]
+    if fresh:
+        _WARNED.update(fresh)
+        print(f"[q0ds] warning: ignoring {len(fresh)} dir(s) under {Path(run_dir)}/bases that are not named like "
+              f"a snapshot (bases/base-XX/snapshots/cycle-XXXX): {', '.join(str(d) for d in fresh)}; they are not "
+              "population members (move them out of the run dir to silence this)", file=sys.stderr, flush=True)
+    seen: dict = {}
+    for d in out:
+        digest = read_meta(d).get("sha256")
+        if digest in seen:
+            raise SnapshotError(f"{d} and {seen[digest]} hold the same weights (sha256 {str(digest)[:12]}...): one is "
+                                "a copy and would be counted twice as a member; delete the copy (or move it out of "
+                                f"{Path(run_dir)}/bases) and run the command again")
+        if digest is not None:
+            seen[digest] = d
     return out
 
 

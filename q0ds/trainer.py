@@ -9,6 +9,7 @@ Run it through `deepspeed --num_gpus N launchers/train.py --config C --base B` o
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from .config import ConfigError, RunConfig, atomic_write_text, save_config
 from .data import PreparedData
 from .distill import distill_loss
 from .faults import crash_if, fault
+from .files import write_failure
 from .model import build_config
 from .monitor import Monitor, check_sinks
 from .runlock import BaseLock
@@ -134,6 +136,8 @@ def _write_run_config(cfg: RunConfig, base_path: Path | None = None) -> BaseLock
             save_config(cfg, path)
     except OSError as e:
         where = e.filename or cfg.run_dir
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):      # disk full, quota, I/O error
+            raise write_failure(where, e) from None
         raise ConfigError(f"cannot write to the run dir: {where}: {e.strerror}; make {cfg.run_dir} writable "
                           "or set `run_dir` to a writable directory") from None
     return lock
@@ -199,8 +203,14 @@ class BaseTrainer:
         self.teacher = (E.make_teacher(E.build_partitioned(self.model_config, self.seed, ds, init=False), ds)
                         if d.enabled and d.start_cycle < cfg.schedule.cycles else None)
         self.teacher_cycle = None
+        self._pending = None         # rank 0: a failed metrics write, reported at the next agreement point
+        err = None
         if self.rank == 0:   # only now that DeepSpeed accepted the config: a refused launch leaves no run dir behind
-            self.lock = _write_run_config(cfg, self.dir)
+            try:
+                self.lock = _write_run_config(cfg, self.dir)
+            except Exception as e:
+                err = e
+        self._agree(err)     # a refusal (lock, read-only dir, other config) stops every rank with rank 0's message
         # every rank built the same initial weights from self.seed; from here each rank draws its own dropout
         # masks (torch.manual_seed seeds the CPU and every CUDA generator)
         torch.manual_seed(rank_seed(self.seed, self.rank))
@@ -217,10 +227,19 @@ class BaseTrainer:
 
     # ------------------------------------------------------------ the loop
     def train(self) -> int:
-        self._resume()
+        err = None
+        try:
+            self._resume()
+        except Exception as e:
+            err = e
+        self._agree(err)
         if self.rank == 0:      # after resume: it cuts metrics.jsonl back to the checkpoint (also a fresh start: 0)
-            self.monitor = Monitor(self.dir, self.cfg.monitor, name=f"{Path(self.cfg.run_dir).name}/base-{self.base:02d}",
-                                   config=self.cfg.to_dict(), resume_step=self.step)
+            try:
+                self.monitor = Monitor(self.dir, self.cfg.monitor, name=f"{Path(self.cfg.run_dir).name}/base-{self.base:02d}",
+                                       config=self.cfg.to_dict(), resume_step=self.step)
+            except OSError as e:
+                err = self._failure(self.dir / "metrics.jsonl", e)
+        self._agree(err)
         try:
             return self._train_loop()
         finally:
@@ -250,8 +269,13 @@ class BaseTrainer:
                     self._checkpoint()
                 self._print(f"pre-empted ({self.signals.caught or 'test'}) at step {self.step}: checkpoint written, exit {EXIT_PREEMPTED}")
                 return EXIT_PREEMPTED
+        err = None
         if self.rank == 0:
-            atomic_write_text(self.dir / "done.json", json.dumps({"steps": self.step, "cycles": len(self.plan.cycles)}))
+            try:
+                atomic_write_text(self.dir / "done.json", json.dumps({"steps": self.step, "cycles": len(self.plan.cycles)}))
+            except OSError as e:
+                err = self._failure(self.dir / "done.json", e)
+        self._agree(err)
         if bar:
             bar.close()
         return 0
@@ -266,7 +290,7 @@ class BaseTrainer:
         rows = self.data.train_samples(self.cfg.seed, self.base, start, per_rank, t.seq_len)
         distilled = self._distilled(cyc)
         dev = self.student.device
-        sums = torch.zeros(4, device=dev)
+        sums = torch.zeros(5, device=dev)
         for i in range(n_micro):
             w = rows[i * t.micro_batch:(i + 1) * t.micro_batch].to(self.student.device)
             inputs, labels = w[:, :-1], w[:, 1:]
@@ -280,9 +304,12 @@ class BaseTrainer:
         # host sync per step (the .tolist()); it also tells every rank about a NaN.
         stop = self.signals.caught is not None or fault("preempt_at_step") == self.step + 1
         sums[3] = float(stop)
+        sums[4] = float(self._pending is not None)     # rank 0's metrics write failed: every rank stops below
         sums = E.all_reduce_(sums, dev)
         norm = getattr(self.student, "q0ds_raw_grad_norm", None)   # Muon + grad_clip: the raw norm (same on all ranks)
         sums = torch.cat([sums, norm.reshape(1).to(dev)]).tolist() if norm is not None else sums.tolist()
+        if sums[4] > 0:
+            self._agree(None)
         loss, ce, kl = (v / (n_micro * self.world) for v in sums[:3])
         if not math.isfinite(loss) and t.nan_policy == "stop":
             # ZeRO-3 flags the non-finite gradient as overflow and skips the update, so the weights are still good
@@ -290,7 +317,7 @@ class BaseTrainer:
                                 f"was skipped, and the last good checkpoint in {self.ckpt_dir} and all finished snapshots "
                                 "are intact. Lower optim.lr or set train.nan_policy=skip, then relaunch to resume")
         return {"lr_mult": lr_m, "wd_mult": wd_m, "loss": loss, "ce": ce, "kl": kl, "distilled": distilled,
-                "stop": sums[3] > 0, **({"grad_norm": sums[4]} if norm is not None else {})}
+                "stop": sums[3] > 0, **({"grad_norm": sums[5]} if norm is not None else {})}
 
     def _distilled(self, cyc) -> bool:
         """Does this cycle learn from a teacher? (Hook: ensemble_distill.py's teacher is the top-K mixture.)"""
@@ -309,15 +336,23 @@ class BaseTrainer:
     def _end_cycle(self, cyc):
         snap = snapshot_dir(self.dir, cyc.index)
         state = E.consolidated_state_dict(self.student)                    # collective
+        err = None
         if self.rank == 0:                                                 # 1. save first
-            write_snapshot(snap, state, self.model_config, self.data.tokenizer_dir, self._snapshot_meta(cyc))
-        E.barrier()
+            try:
+                write_snapshot(snap, state, self.model_config, self.data.tokenizer_dir, self._snapshot_meta(cyc))
+            except OSError as e:                                        # WriteFailed included
+                err = self._failure(snap, e)
+        self._agree(err)                                                   # (the barrier before scoring)
         scores = self._score()                                            # 2. score (all ranks)
         val_loss = -scores["val"].double().mean().item()
         if self.rank == 0:
-            write_scores(snap, {k: v.exp() for k, v in scores.items()}, {"val_loss": val_loss})
+            try:
+                write_scores(snap, {k: v.exp() for k, v in scores.items()}, {"val_loss": val_loss})
+            except OSError as e:
+                err = self._failure(snap, e)
             self._log({"event": "snapshot", "step": self.step, "cycle": cyc.index, "val_loss": val_loss,
                        "epoch": self.plan.epoch_at(self.step), "path": str(snap)})
+        self._agree(err)
         self._print(f"cycle {cyc.index} done: val loss {val_loss:.4f} -> {snap}")
         nxt = cyc.index + 1
         if self.teacher is not None and self.cfg.distill.start_cycle <= nxt < len(self.plan.cycles):
@@ -365,14 +400,40 @@ class BaseTrainer:
     def _checkpoint(self):
         tag = f"step-{self.step:08d}"
         self._last_checkpoint = self.step
-        E.save_checkpoint(self.student, self.ckpt_dir, tag, self._client_state())
-        E.barrier()
-        if self.rank == 0:
-            crash_if("crash_in_checkpoint", self.step)
-            atomic_write_text(self.ckpt_dir / tag / COMPLETE, json.dumps({"step": self.step, "world_size": self.world}))
-            _rotate(self.ckpt_dir, self.cfg.train.keep_ckpts)
-            E.drop_universal(self.ckpt_dir)      # a converted copy is not needed once we have our own checkpoint
-        E.barrier()
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        err = self._failure(self.ckpt_dir / tag, E.save_checkpoint(self.student, self.ckpt_dir, tag, self._client_state()))
+        try:
+            self._agree(err)                                               # every rank wrote its files
+            if self.rank == 0:
+                crash_if("crash_in_checkpoint", self.step)
+                try:
+                    atomic_write_text(self.ckpt_dir / tag / COMPLETE, json.dumps({"step": self.step, "world_size": self.world}))
+                except OSError as e:
+                    err = self._failure(self.ckpt_dir / tag / COMPLETE, e)
+                else:
+                    _rotate(self.ckpt_dir, self.cfg.train.keep_ckpts)
+                    E.drop_universal(self.ckpt_dir)   # a converted copy is not needed once we have our own checkpoint
+            self._agree(err)
+        except BaseException:
+            if self.rank == 0:          # never marked complete: remove it (a relaunch would ignore it anyway)
+                shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)
+            raise
+
+    def _intact(self) -> str:
+        tag = latest_checkpoint(self.ckpt_dir)
+        return (f"the last complete checkpoint {tag} and every finished snapshot are intact" if tag else
+                "no checkpoint of this base is complete yet (a relaunch starts it over); finished snapshots are intact")
+
+    def _failure(self, path, exc):
+        """EXC (None: nothing failed) as the one-line WriteFailed when it is a failed write, else EXC itself."""
+        if exc is None:
+            return None
+        return write_failure(path, exc, self._intact()) or exc
+
+    def _agree(self, err):
+        """Agreement point (engine.agree_error): this rank's error or a pending metrics-write failure."""
+        err, self._pending = err or self._pending, None
+        E.agree_error(err, self.student.device)
 
     def _checkpoint_world(self):
         """World size that wrote the newest complete checkpoint (None: fresh start)."""
@@ -428,10 +489,14 @@ class BaseTrainer:
         from safetensors.torch import load_file
         from .snapshot import verify
         snap = snapshot_dir(self.dir, cycle)
-        sd = None
+        sd, err = None, None
         if self.rank == 0:
-            verify(snap)
-            sd = load_file(snap / "model.safetensors")
+            try:
+                verify(snap)
+                sd = load_file(snap / "model.safetensors")
+            except Exception as e:
+                err = e
+        self._agree(err)                 # before the collective load: a bad snapshot stops every rank
         E.load_weights_inplace(self.teacher, sd)
 
     # ------------------------------------------------------------ logging
@@ -464,9 +529,12 @@ class BaseTrainer:
         """One record (a step or an event) to every sink of the monitor; rank 0 only."""
         if self.rank != 0:
             return
-        if self.monitor is None:
-            self.monitor = Monitor(self.dir, self.cfg.monitor, name=f"base-{self.base:02d}")
-        self.monitor.log(rec)
+        try:
+            if self.monitor is None:
+                self.monitor = Monitor(self.dir, self.cfg.monitor, name=f"base-{self.base:02d}")
+            self.monitor.log(rec)
+        except OSError as e:             # disk full: reported on every rank at the next agreement point
+            self._pending = self._pending or self._failure(self.dir / "metrics.jsonl", e)
 
     def _print(self, msg: str):
         if self.rank == 0:

@@ -176,7 +176,8 @@ def test_out_of_disk_space_while_writing_snapshot(tmp_path, monkeypatch):
     import safetensors.torch
     import torch
     from transformers import Qwen3Config
-    from q0ds.snapshot import SnapshotError, write_snapshot
+    from q0ds.files import WriteFailed
+    from q0ds.snapshot import write_snapshot
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.json").write_text("{}")
     cfg = Qwen3Config(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
@@ -188,7 +189,7 @@ def test_out_of_disk_space_while_writing_snapshot(tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    with pytest.raises(SnapshotError, match="out of disk space"):
+    with pytest.raises(WriteFailed, match=f"cannot write {target}: out of disk space .* free of .*; free space on "):
         write_snapshot(target, {"w": torch.zeros(3)}, cfg, tmp_path / "tok", {"cycle": 0})
     assert (target / "model.safetensors").read_bytes() == good      # the existing snapshot is untouched
     assert [p.name for p in (tmp_path / "snapshots").iterdir()] == ["cycle-0000"]   # no temp dir left

@@ -282,3 +282,134 @@ def test_prepare_warns_on_a_small_fitness_set(capsys, tmp_path):
     assert code == 0 and "warning: --fitness-tokens 2000 is below 3000" in err, err
     code, _, err = q0ds(capsys, *common, "--out", tmp_path / "b")
     assert code == 0 and "warning" not in err, err
+
+
+# ---------------------------------------------------------------- issue 22, faults
+def _one_error_line(code, err, cmd):
+    lines = [l for l in err.splitlines() if l.startswith(f"q0ds {cmd}: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err[-3000:])
+    return lines[0]
+
+
+def test_broken_snapshot_tokenizer_is_named_with_the_fix(scored_run, embedded_data, tmp_path, capsys):
+    """Before: generate/eval/fit-prior on a snapshot whose tokenizer.json does not parse ended in a
+    JSONDecodeError traceback. After: one line naming the file and the cp command that restores it; after
+    running that fix the commands work."""
+    from q0ds.snapshot import SnapshotError, load_tokenizer
+    run = tmp_path / "run"
+    shutil.copytree(scored_run[0], run)
+    snap = run / "bases/base-00/snapshots/cycle-0001"
+    assert q0ds(capsys, "fit-prior", "--run", run)[0] == 0               # prior.json for generate/eval
+    tok = snap / "tokenizer.json"
+    tok.write_text(tok.read_text()[:300])
+    for cmd in (["fit-prior", "--run", run], ["eval", "--run", run],
+                ["generate", "--run", run, "--k", "2", "--prompt", "x"]):
+        line = _one_error_line(*q0ds(capsys, *cmd)[::2], cmd[0])
+        assert str(tok) in line and f"cp {embedded_data / 'tokenizer'}/* {snap}/" in line, line
+    with pytest.raises(SnapshotError, match="tokenizer.json"):
+        load_tokenizer(snap)
+    shutil.copy(embedded_data / "tokenizer" / "tokenizer.json", tok)       # the fix the message gives
+    assert q0ds(capsys, "fit-prior", "--run", run)[0] == 0
+    assert load_tokenizer(snap).vocab_size > 0
+
+
+def test_prepared_data_with_broken_tokenizer_says_rerun_prepare(make_config, embedded_data, tmp_path):
+    """Before: `could not load the tokenizer in ...: <JSON error>` without a next step. After: the file and
+    `q0ds prepare --out DATA` to rewrite it."""
+    data = tmp_path / "data"
+    shutil.copytree(embedded_data, data)
+    (data / "tokenizer" / "tokenizer.json").write_text('{"version": "1.0", "truncation": nu')
+    from q0ds.data import DataError, PreparedData
+    with pytest.raises(DataError) as e:
+        PreparedData.open(data).load_tokenizer()
+    assert str(data / "tokenizer" / "tokenizer.json") in str(e.value) and f"q0ds prepare --out {data}" in str(e.value)
+
+
+def test_copied_snapshot_dir_is_not_a_member(scored_run, tmp_path, capsys):
+    """Before: `cycle-0001.bak` (a user's copy) was fitted as a third member. After: it is ignored with one
+    warning line, and a copy under a canonical name (same sha256) is refused."""
+    run = tmp_path / "run"
+    shutil.copytree(scored_run[0], run)
+    snaps = run / "bases/base-00/snapshots"
+    shutil.copytree(snaps / "cycle-0001", snaps / "cycle-0001.bak")
+    shutil.copytree(snaps / "cycle-0001", run / "bases/base-00-old/snapshots/cycle-0001")
+    code, out, err = q0ds(capsys, "fit-prior", "--run", run)
+    assert code == 0, err
+    assert json.loads((run / "prior.json").read_text())["members"] == ["base-00/cycle-0000", "base-00/cycle-0001"]
+    warn = [l for l in err.splitlines() if "warning: ignoring" in l]
+    assert len(warn) == 1 and "cycle-0001.bak" in warn[0] and "base-00-old" in warn[0], err
+    assert q0ds(capsys, "eval", "--run", run)[0] == 0
+    shutil.copytree(snaps / "cycle-0001", snaps / "cycle-0007")
+    line = _one_error_line(*q0ds(capsys, "fit-prior", "--run", run)[::2], "fit-prior")
+    assert "cycle-0007" in line and "cycle-0001" in line and "same weights" in line and "delete the copy" in line
+
+
+def _kill_while_writing_prior(run: Path, sig) -> subprocess.CompletedProcess:
+    """`q0ds fit-prior` in a subprocess, stopped by SIG while it writes prior.json's temp file (a sitecustomize
+    hook makes the write block: the fsync of the temp file waits for the signal)."""
+    hook = run.parent / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(
+        "import os, time\n_fsync = os.fsync\n"
+        "def slow(fd):\n"
+        "    if '.prior.json.tmp' in os.readlink(f'/proc/self/fd/{fd}'):\n"
+        "        open(os.environ['Q0DS_TEST_MARK'], 'w').close()\n"
+        "        time.sleep(60)\n"
+        "    return _fsync(fd)\n"
+        "os.fsync = slow\n")
+    mark = run.parent / "writing"
+    env = dict(os.environ, PYTHONPATH=f"{hook}:{ROOT}", Q0DS_TEST_MARK=str(mark))
+    p = subprocess.Popen([sys.executable, "-m", "q0ds.cli", "fit-prior", "--run", str(run)], cwd=ROOT, env=env,
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    import time
+    t0 = time.time()
+    while not mark.exists():
+        assert p.poll() is None and time.time() - t0 < 120, p.communicate()
+        time.sleep(0.05)
+    assert list(run.glob(".prior.json.tmp-*"))                       # the temp file is there, mid-write
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    mark.unlink()
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def test_signal_while_writing_prior_leaves_no_temp_file(scored_run, tmp_path):
+    """Before: fit-prior killed (SIGTERM) while writing left `.prior-XXXX.tmp`. After: SIGTERM removes it
+    (exit 143, prior.json untouched), and a temp file left by SIGKILL is removed by the next write."""
+    import signal
+    run = tmp_path / "run"
+    shutil.copytree(scored_run[0], run)
+    p = _kill_while_writing_prior(run, signal.SIGTERM)      # SIGINT takes the same path (KeyboardInterrupt)
+    assert p.returncode == 143 and "stopped by SIGTERM" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not list(run.glob(".prior*")), sorted(run.iterdir())
+    p = _kill_while_writing_prior(run, signal.SIGKILL)
+    assert p.returncode == -9 and len(list(run.glob(".prior.json.tmp-*"))) == 1
+    from q0ds.population import fit_prior_run
+    fit_prior_run(run, steps=5)
+    assert not list(run.glob(".prior*")) and (run / "prior.json").is_file()
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ([{"text": None}, {"text": "  \n "}], "all null or blank in field 'text'"),
+    ([{"text": 1}, {"text": 2}], "holds int, not text"),
+])
+def test_parquet_without_usable_text_says_what_to_do(tmp_path, capsys, rows, needle):
+    """Before: 'empty corpus: ... has no non-empty documents' / "field 'text' holds int, not text" with no
+    next step. After: what is wrong, the file, and --text-field as the fix."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    f = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist([dict(r, other="x") for r in rows]), f)
+    line = _one_error_line(*q0ds(capsys, "prepare", "--input", f, "--out", tmp_path / "d")[::2], "prepare")
+    assert needle in line and str(f) in line and "--text-field" in line, line
+
+
+def test_prepare_with_a_tokenizer_that_does_not_parse(embedded_data, tmp_path, capsys):
+    tok = tmp_path / "tok"
+    shutil.copytree(embedded_data / "tokenizer", tok)
+    (tok / "tokenizer.json").write_text("{")
+    docs = tmp_path / "a.txt"
+    docs.write_text("hello world\n\nagain")
+    line = _one_error_line(*q0ds(capsys, "prepare", "--input", docs, "--out", tmp_path / "d", "--tokenizer", tok)[::2],
+                           "prepare")
+    assert str(tok) in line and "save_pretrained" in line and "omit --tokenizer" in line, line
