@@ -34,28 +34,10 @@ from pathlib import Path
 import torch
 
 from .devices import inference_dtype, resolve_device
-from .snapshot import SnapshotError, member_id, sha256_file, verify
+from .snapshot import SnapshotError, load_tokenizer, member_id, sha256_file, verify
 
 FORMAT, FORMAT_VERSION = "q0ds-mixture", 1
 MEMBER_FILES = ("config.json", "generation_config.json", "model.safetensors", "snapshot.json")
-
-
-def _load_tokenizer(path):
-    """The tokenizer of a snapshot or exported mixture, as SnapshotError naming the file when it is unreadable.
-    (The integrator unifies this with snapshot.load_tokenizer.)"""
-    from transformers import AutoTokenizer
-    path = Path(path)
-    tj = path / "tokenizer.json"
-    if tj.is_file():
-        try:
-            json.loads(tj.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SnapshotError(f"{tj} does not parse ({e}); copy the tokenizer files again from the run's "
-                                "prepared data dir (DATA/tokenizer) or re-export the mixture") from None
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:          # transformers raises OSError/ValueError/... for a missing or broken tokenizer
-        raise SnapshotError(f"could not load the tokenizer in {path}: {e}") from None
 
 
 class MixtureLM:
@@ -77,7 +59,7 @@ class MixtureLM:
         self.device = resolve_device(device)
         self.dtype = inference_dtype(self.device)
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else self.dirs[0]
-        self.tokenizer = _load_tokenizer(self.tokenizer_dir)
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.models = [AutoModelForCausalLM.from_pretrained(d, local_files_only=True, dtype=self.dtype)
                        .to(self.device).eval() for d in self.dirs]
         vocab = {m.config.vocab_size for m in self.models}
@@ -286,7 +268,7 @@ def export_mixture(dirs, weights, member_ids, tokenizer_dir, seq_len, source, ou
         raise SnapshotError(f"{out} already exists and is not an empty directory: pass a new --out to export into")
     for d in dirs:
         verify(d)
-    tok = _load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "members").mkdir(parents=True)

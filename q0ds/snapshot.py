@@ -128,6 +128,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def _restore_hint(snap_dir) -> str:
     """What to do about a damaged config/tokenizer file of a snapshot: copy it back from the prepared data."""
     snap_dir = Path(snap_dir)
+    for mix in (snap_dir.parent, snap_dir.parent.parent):               # an exported mixture's tokenizer/ or member
+        if (mix / "mixture.json").is_file():
+            return f"re-export the mixture (q0ds export-mixture --run RUN --k K --out {mix})"
     run_cfg = snap_dir.parent.parent.parent.parent / "config.json"     # RUN/bases/base-XX/snapshots/cycle-XXXX
     try:
         data = json.loads(run_cfg.read_text())["data"]
