@@ -31,6 +31,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Published as sdists only, pure Python (checked again on the built wheel); anything else is not built here.
+PURE_SDISTS = {"rouge-score", "sqlitedict", "word2number"}
 NOT_FOUND = re.compile(r"No matching distribution found for ([A-Za-z0-9._-]+)")
 REQUESTED = re.compile(r"The user requested \(constraint\) ([A-Za-z0-9._-]+)==")
 NO_WHEELS = re.compile(r"no matching distributions available for your environment:\n((?:[ \t]+\S+\n?)+)")
@@ -163,6 +165,10 @@ def main(argv=None) -> int:
                 relaxed.append(name)                      # none for glibc 2.17), only then its sdist
                 cons.write_text("".join(v + "\n" for v in pins.values()))
                 continue
+            if m and name not in PURE_SDISTS:
+                sys.exit(f"wheelhouse: {name} has no wheel for Python {a.python_version} on {a.platform}, and it is not "
+                         f"a pure-Python sdist this script builds ({', '.join(sorted(PURE_SDISTS))}): choose the node's "
+                         "real glibc (e.g. --platform manylinux_2_28_x86_64) or drop the extra that needs it")
             if not m or name in built or name == "torch":
                 sys.stderr.write(log[-6000:])
                 sys.exit("wheelhouse: pip download failed (see above)")
