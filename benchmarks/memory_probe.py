@@ -45,7 +45,8 @@ def _model(arch: dict, layers: int, dtype, checkpointing: bool, dropout: float, 
     with torch.device(device):
         m = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     if checkpointing:
-        m.activation_checkpointing_enable({"use_reentrant": False})
+        from q0ds.compat import enable_activation_checkpointing
+        enable_activation_checkpointing(m, {"use_reentrant": False})
     return m.train()
 
 
