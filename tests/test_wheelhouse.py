@@ -48,7 +48,7 @@ def _torch_only_venv() -> Path:
     return venv
 
 
-@pytest.mark.slow
+@pytest.mark.wheelhouse
 def test_wheelhouse_round_trip(tmp_path):
     env = dict(os.environ, PIP_CACHE_DIR=str(ROOT / ".cache" / "pip"))
     wh = CACHE / "wheels"
