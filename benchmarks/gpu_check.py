@@ -40,11 +40,16 @@ STEPS, CYCLES, MICRO_STEPS, KEEP_AT, KILL_AFTER = 4, 3, 4, 5, 6      # checkpoin
 MATRICES = ("model.layers.0.self_attn.q_proj.weight", "model.layers.{mid}.mlp.down_proj.weight",
             "model.layers.{last}.mlp.gate_proj.weight")
 TOL = {"gpu": {"redo_loss_rel": 2e-3, "reload_val_rel": 5e-3}, "cpu": {"redo_loss_rel": 1e-6, "reload_val_rel": 1e-5}}
-CANNOT_SETTLE_ON_ONE_GPU = [
-    "multi-rank NCCL traffic (the Muon gradient all-reduce across ranks and its time; plan: q0ds plan --memory)",
-    "Muon's work split across ranks (each rank orthogonalises its share of the matrices)",
-    "universal-checkpoint conversion across ranks (resume on another GPU count)",
-    "pre-emption across ranks (the stop flag in the loss all-reduce)"]
+PREEMPT_AT = 9                      # with 2+ ranks launch B is pre-empted here (exit 75), launch C finishes
+
+
+def cannot_settle(ranks: int) -> list:
+    """What this run leaves unmeasured with `ranks` GPUs on one node."""
+    one = ["multi-rank NCCL traffic (the Muon gradient all-reduce across ranks and its time; q0ds plan --memory "
+           "estimates it)", "Muon's work split across ranks (each rank orthogonalises its share of the matrices)",
+           "pre-emption across ranks (the stop flag in the loss all-reduce)"] if ranks == 1 else []
+    return one + ["universal-checkpoint conversion across ranks (resume on another GPU count)",
+                  "inter-node traffic (InfiniBand; q0ds plan --memory estimates it)"]
 
 
 class CheckError(Exception):
@@ -67,9 +72,7 @@ def preflight(work: Path, cpu: bool, need_bytes: int) -> dict:
     cc = next((shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(work).free
-    gpus = [] if cpu else [{"name": torch.cuda.get_device_name(i),
-                            "memory_bytes": torch.cuda.get_device_properties(i).total_memory}
-                           for i in range(torch.cuda.device_count())]
+    gpus = [] if cpu else gpu_list()
     caches = {}
     for var, default in (("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions"), ("TRITON_CACHE_DIR", "~/.triton/cache")):
         p = Path(os.path.expanduser(os.environ.get(var, default)))
@@ -85,6 +88,15 @@ def preflight(work: Path, cpu: bool, need_bytes: int) -> dict:
                                 "no C compiler: Triton cannot compile DeepSpeed's torch.compile'd muon_update",
             "gpus": gpus, "free_disk_bytes": free, "needed_disk_bytes": need_bytes, "disk_ok": free >= need_bytes,
             "caches": caches}
+
+
+def gpu_list() -> list:
+    """Names and memory of the visible GPUs, from a child process: this one must not hold a CUDA context on
+    GPU 0 (~0.5 GB) while the ranks measure their peak memory."""
+    code = ("import json, torch; print(json.dumps([{'name': torch.cuda.get_device_name(i), 'memory_bytes': "
+            "torch.cuda.get_device_properties(i).total_memory} for i in range(torch.cuda.device_count())]))")
+    return json.loads(subprocess.run([sys.executable, "-c", code], text=True, capture_output=True, check=True,
+                                     timeout=300).stdout.strip().splitlines()[-1])
 
 
 def disk_need(N: int, matrices: int, keep: int, cycles: int) -> int:
@@ -164,7 +176,8 @@ def rank_entry(argv) -> int:
         if trainer.teacher is not None and trainer.teacher_mode == "replicated":
             teacher = hashlib.sha256(json.dumps([float(p.double().sum()) for p in trainer.teacher.parameters()])
                                      .encode()).hexdigest()[:16]
-        facts[label] = {"step": trainer.step, "groups": {k: list(v) for k, v in g.items()},
+        live = [[pg["lr"], pg["weight_decay"]] for pg in trainer.sched.optimizer.param_groups]
+        facts[label] = {"step": trainer.step, "groups": {k: list(v) for k, v in g.items()}, "optimizer_groups": live,
                         "teacher_cycle": trainer.teacher_cycle, "teacher_digest": teacher, "rng": rng}
         save()
 
@@ -332,11 +345,12 @@ def orchestrate(args) -> dict:
     work = Path(args.work)
     pb = plan.param_breakdown("tiny" if cpu else "1.8b")
     out = {"ok": False, "mode": "cpu-rehearsal" if cpu else "gpu", "ranks": ranks, "phase": "preflight",
-           "tolerances": TOL["cpu" if cpu else "gpu"], "one_gpu_cannot_settle": CANNOT_SETTLE_ON_ONE_GPU if ranks == 1 else
-           CANNOT_SETTLE_ON_ONE_GPU[2:3]}
+           "tolerances": TOL["cpu" if cpu else "gpu"], "not_settled_here": cannot_settle(ranks)}
     t0 = time.time()
-    write = lambda: (Path(args.out).parent.mkdir(parents=True, exist_ok=True),
-                     Path(args.out).write_text(json.dumps(out, indent=1) + "\n"))
+
+    def write():
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     try:
         out["preflight"] = preflight(work, cpu, disk_need(pb["total"], pb["matrices"], 2, CYCLES))
         write()
@@ -364,11 +378,24 @@ def orchestrate(args) -> dict:
         out["teacher_mode"] = facts_a[0]["teacher_mode"]
         out["muon_check"] = facts_a[0].get("muon")
         out["phase"] = "launch B"
-        b = launch(work, "B", config, ranks, dict(env, Q0DS_CHECK_LAUNCH="B"), args.budget_s - (time.time() - t0))
+        env_b = dict(env, Q0DS_CHECK_LAUNCH="B")
+        if ranks > 1:                                  # the pre-emption path across ranks, then launch C finishes
+            env_b["Q0DS_FAULT"] = f"preempt_at_step={PREEMPT_AT}"
+        b = launch(work, "B", config, ranks, env_b, args.budget_s - (time.time() - t0))
         out["launch_B"] = b
         write()
-        if b["rc"] != 0 or b["left_behind"]:
-            raise CheckError(f"launch B (resume) exited {b['rc']} (left behind: {b['left_behind']}): {tail(b['log'])}")
+        want = 75 if ranks > 1 else 0
+        if b["rc"] != want or b["left_behind"]:
+            raise CheckError(f"launch B (resume) exited {b['rc']}, expected {want} (left behind: {b['left_behind']}): "
+                             f"{tail(b['log'])}")
+        if ranks > 1:
+            out["phase"] = "launch C"
+            c = launch(work, "C", config, ranks, dict(env, Q0DS_CHECK_LAUNCH="C"), args.budget_s - (time.time() - t0))
+            out["launch_C"] = c
+            write()
+            if c["rc"] != 0 or c["left_behind"]:
+                raise CheckError(f"launch C (after the pre-emption) exited {c['rc']} (left behind: "
+                                 f"{c['left_behind']}): {tail(c['log'])}")
         facts_b = [json.loads((work / f"B-rank{r}.json").read_text()) for r in range(ranks)]
         recs = records(run)
         redo_a = next(r for r in recs_a if r.get("step") == KILL_AFTER and "tokens_per_s" in r)

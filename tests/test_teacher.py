@@ -15,7 +15,7 @@ from conftest import read_jsonl, run_launcher
 OVERRIDES = ["schedule.cycles=3", "schedule.cycle_steps=3", "distill.start_cycle=1", "train.ckpt_every=2",
              "train.verify_teacher=true", "train.micro_batch=2", "train.global_batch=8", "train.small_batch=4",
              "model.dropout=0.1"]
-SLEEP_S = 6
+SLEEP_S = 10
 
 
 def records(run_dir):
@@ -38,7 +38,7 @@ def runs(tmp_path_factory, embedded_data):
     first = run_launcher(out["replicated"][0], 0, env={"Q0DS_FAULT": "preempt_at_step=5"}, check=False)
     assert first.returncode == 75 and "pre-empted" in first.stdout, first.stdout[-2000:] + first.stderr[-3000:]
     second = run_launcher(out["replicated"][0], 0)
-    assert "teacher: replicated (requested)" in second.stdout and "resumed base 0 from step-00000004" in second.stdout
+    assert "teacher: replicated (requested)" in second.stdout and "resumed base 0 from step-00000005" in second.stdout
     return {mode: records(cfg.run_dir) for mode, (_, cfg) in out.items()}
 
 
