@@ -136,7 +136,20 @@ def launch(work: Path, name: str, config: Path, ranks: int, env: dict, timeout: 
         left = True
     except ProcessLookupError:
         left = False
-    return {"rc": rc, "wall_s": round(time.time() - t0, 2), "log": str(log), "left_behind": left}
+    return {"rc": rc, "wall_s": round(time.time() - t0, 2), "log": str(log), "left_behind": left,
+            "stale_build_locks_removed": drop_build_locks(t0) if rc == "timeout" else []}
+
+
+def drop_build_locks(since: float) -> list:
+    """A rank killed inside a JIT build (DeepSpeed ops, torch.utils.cpp_extension) leaves <ext dir>/<op>/lock,
+    and every later load of that op waits for it forever. Remove the locks our killed launch created."""
+    root = Path(os.path.expanduser(os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")))
+    gone = []
+    for lock in root.glob("**/lock"):
+        if lock.stat().st_mtime >= since - 1:
+            lock.unlink(missing_ok=True)
+            gone.append(str(lock))
+    return gone
 
 
 def tail(path, n=1500) -> str:
@@ -438,11 +451,14 @@ def main(argv=None) -> int:
                     help="tiny preset on 2 CPU ranks: the same phases, for tests (tests/test_gpu_check.py)")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "gpu_check"))
     ap.add_argument("--out", default=None, help="default benchmarks/results/gpu_check[_cpu_rehearsal].json")
-    ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock limit for the launches")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock limit for the launches (default 480; 1800 with --cpu-rehearsal on shared CPUs)")
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = str(ROOT / "benchmarks" / "results" / ("gpu_check_cpu_rehearsal.json" if args.cpu_rehearsal
                                                            else "gpu_check.json"))
+    if args.budget_s is None:
+        args.budget_s = 1800.0 if args.cpu_rehearsal else 480.0
     if args.cpu_rehearsal:
         os.environ["DS_ACCELERATOR"] = "cpu"
     out = orchestrate(args)

@@ -90,3 +90,14 @@ def test_collective_helpers_forced_at_world_size_one(tmp_path, forced):
         assert {"all_reduce", "all_gather_into_tensor", "broadcast"} <= set(helper_ops), ops
     else:
         assert helper_ops == [], ops
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: `make gpu-check` runs for real")
+def test_make_gpu_check_uses_an_interpreter_that_imports_q0ds(tmp_path):
+    """With q0ds importable by PY (a cluster's own CUDA env), the target never builds the pinned venv."""
+    venv = tmp_path / "never-built"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run(["make", "-s", "gpu-check", f"PY={sys.executable}", f"VENV={venv}"], cwd=ROOT, env=env,
+                       text=True, capture_output=True, timeout=300)
+    assert p.returncode != 0 and not venv.exists()
+    assert "gpu-check: error: no CUDA GPU" in p.stderr and "pip" not in p.stdout + p.stderr
