@@ -74,8 +74,9 @@ def preflight(work: Path, cpu: bool, need_bytes: int) -> dict:
     free = shutil.disk_usage(work).free
     gpus = [] if cpu else gpu_list()
     caches = {}
-    for var, default in (("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions"), ("TRITON_CACHE_DIR", "~/.triton/cache")):
-        p = Path(os.path.expanduser(os.environ.get(var, default)))
+    from torch.utils.cpp_extension import get_default_build_root
+    for var, default in (("TORCH_EXTENSIONS_DIR", get_default_build_root()), ("TRITON_CACHE_DIR", "~/.triton/cache")):
+        p = Path(os.path.expanduser(os.environ.get(var) or default))
         caches[var] = {"path": str(p), "exists": p.is_dir(),
                        "entries": len(list(p.iterdir())) if p.is_dir() else 0}
     return {"versions": {"python": sys.version.split()[0], "torch": torch.__version__,
@@ -143,7 +144,8 @@ def launch(work: Path, name: str, config: Path, ranks: int, env: dict, timeout: 
 def drop_build_locks(since: float) -> list:
     """A rank killed inside a JIT build (DeepSpeed ops, torch.utils.cpp_extension) leaves <ext dir>/<op>/lock,
     and every later load of that op waits for it forever. Remove the locks our killed launch created."""
-    root = Path(os.path.expanduser(os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")))
+    from torch.utils.cpp_extension import get_default_build_root
+    root = Path(os.path.expanduser(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()))
     gone = []
     for lock in root.glob("**/lock"):
         if lock.stat().st_mtime >= since - 1:
