@@ -131,14 +131,26 @@ def launch(work: Path, name: str, config: Path, ranks: int, env: dict, timeout: 
             except ProcessLookupError:
                 pass
             p.wait()
-    time.sleep(0.5)
-    try:
-        os.killpg(p.pid, 0)
-        left = True
-    except ProcessLookupError:
-        left = False
+    left = group_alive(p.pid)
     return {"rc": rc, "wall_s": round(time.time() - t0, 2), "log": str(log), "left_behind": left,
             "stale_build_locks_removed": drop_build_locks(t0) if rc == "timeout" else []}
+
+
+def group_alive(pgid: int, wait_s: float = 15.0) -> bool:
+    """Is any process of group `pgid` still running (zombies not counted) after up to `wait_s`?"""
+    end = time.time() + wait_s
+    while True:
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":        # fields: state, ppid, pgrp, ...
+                alive.append(stat.parent.name)
+        if not alive or time.time() > end:
+            return bool(alive)
+        time.sleep(0.5)
 
 
 def drop_build_locks(since: float) -> list:
