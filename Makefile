@@ -60,8 +60,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/data_efficiency.py
 
 # One JSON summary of the 1.8b preset on the CUDA GPUs present (<= 8 min); fails clearly without a GPU.
-gpu-check: $(STAMP)
-	DS_ACCELERATOR=cuda $(BIN)/python benchmarks/gpu_check.py
+# The node's own interpreter when q0ds imports there (a cluster's CUDA torch): the pinned venv only otherwise.
+gpu-check:
+	@if $(PY) -c "import q0ds, deepspeed" 2>/dev/null; then DS_ACCELERATOR=cuda $(PY) benchmarks/gpu_check.py; \
+	else $(MAKE) venv && DS_ACCELERATOR=cuda $(BIN)/python benchmarks/gpu_check.py; fi
 
 # CPU rehearsal of the 1.8b widths (1 layer, fp32, 2 ranks ZeRO-3, Muon, distillation, kill + relaunch):
 # benchmarks/results/rehearsal.json. The tiny variant runs in `make test` (tests/test_rehearsal.py).

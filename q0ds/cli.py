@@ -165,8 +165,12 @@ def cmd_plan(a):
     from . import plan
     if a.memory:
         mem = plan.memory_plan(model=a.model, gpus=a.gpus, micro_batch=a.micro_batch, seq_len=a.seq_len,
-                               optimizer=a.optimizer, checkpointing=a.checkpointing)
+                               optimizer=a.optimizer, checkpointing=a.checkpointing, gpu_mem_gb=a.gpu_mem_gb,
+                               teacher_mode=a.teacher_mode)
         print(plan.format_memory_plan(mem, plan.time_plan(model=a.model, gpus=a.gpus, seq_len=a.seq_len)))
+        print(plan.format_teacher_choice(plan.teacher_choice(a.model, a.gpus, a.micro_batch, a.seq_len, a.optimizer,
+                                                             a.gpu_mem_gb, a.checkpointing, a.teacher_mode)))
+        print(plan.format_traffic(a.model, a.gpus, a.global_batch, a.seq_len, a.optimizer, a.gpu_mem_gb, a.teacher_mode))
         return 0
     alloc = plan.plan_budget(a.epochs, nodes=a.nodes, schedule=a.schedule)
     print(json.dumps(alloc.to_dict(), indent=2, default=str))
@@ -300,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the 1.8b preset's is muon (default); adamw for ds_configs' AdamW-only setting")
     s.add_argument("--checkpointing", action="store_true",
                    help="plan with activation checkpointing (run config train.activation_checkpointing=true)")
+    s.add_argument("--gpu-mem-gb", type=float, default=80)
+    s.add_argument("--global-batch", type=int, default=256, help="sequences per optimizer step (1.8b preset: 256)")
+    s.add_argument("--teacher-mode", default="auto", choices=("auto", "replicated", "zero3"),
+                   help="run config distill.teacher_mode: auto = a bf16 replica per GPU when it fits")
     s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("lm-eval", help="downstream tasks with lm-evaluation-harness on the top-K mixture")

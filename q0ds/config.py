@@ -122,8 +122,13 @@ class DistillConfig:
     start_cycle: int = 8          # cycles are numbered from 0; cycle c >= start_cycle learns from snapshot c-1
     alpha: float = 0.45
     temperature: float = 1.2
+    # auto: a plain bf16 replica of the teacher on every GPU when `q0ds plan --memory` says it fits (no gathers
+    # per micro-step), else a ZeRO-3 teacher engine (today's path; always on CPU); replicated | zero3 force one
+    teacher_mode: str = "auto"
 
     def check(self):
+        _require(self.teacher_mode in ("auto", "replicated", "zero3"), "distill.teacher_mode",
+                 "must be auto, replicated or zero3")
         _require(self.start_cycle >= 1, "distill.start_cycle", "must be >= 1 (cycle 0 has no predecessor)")
         _require(0 <= self.alpha <= 1, "distill.alpha", "must be in [0, 1]")
         _require(self.temperature > 0, "distill.temperature", "must be > 0")

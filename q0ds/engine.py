@@ -82,7 +82,11 @@ _EXPECTED: dict = {"device": None}       # the device the running helper was tol
 
 
 def _multi() -> bool:
-    return torch.distributed.is_initialized() and world_size() > 1
+    """Run the collective? Yes with 2+ ranks; at world size 1 only with Q0DS_FORCE_COLLECTIVES=1 (gpu_check.py:
+    one GPU then still sends every helper's tensor through NCCL, whose device rule a skipped call never tests)."""
+    if not torch.distributed.is_initialized():
+        return False
+    return world_size() > 1 or os.environ.get("Q0DS_FORCE_COLLECTIVES") == "1"
 
 
 def all_reduce_(t: torch.Tensor, device, op: str = "sum") -> torch.Tensor:
@@ -489,16 +493,101 @@ def make_teacher(model, ds_cfg: dict):
     return engine
 
 
-def micro_step(engine, loss, n_micro: int, last: bool):
-    """One micro-batch of our own gradient accumulation (section 7, option B: exact for any n_micro)."""
+def make_replicated_teacher(config, student):
+    """The teacher as a plain module, whole on every rank (distill.teacher_mode replicated): eval, no grad, no
+    DeepSpeed engine, so its forward gathers nothing (a ZeRO-3 teacher re-gathers all its weights on every
+    micro-step, deepspeed.md section 14). Built on the student's device in the student module's dtype, without a
+    random init (refresh_replica_ / load_replica_ overwrite every weight). Buffers (RoPE inv_freq) are the
+    student's own tensors' values: built under zero.Init with prevent_arange_dtype_change they are fp32, and
+    copying them keeps the two teachers bit-identical whatever transformers does outside zero.Init."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+    device = torch.device(student.device)
+    dtype = next(student.module.parameters()).dtype
+    with no_init_weights(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    theirs = dict(student.module.named_buffers())
+    for name, _ in list(model.named_buffers()):
+        owner, _, attr = name.rpartition(".")
+        mod = model.get_submodule(owner) if owner else model
+        mod._buffers[attr] = theirs[name].detach().clone().to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def consolidated_state_dict(engine, replica=None):
+    """Full 16-bit (module dtype) state dict gathered from ZeRO-3; collective; rank 0 gets it, others None.
+    replica (a make_replicated_teacher module): also copied, on every rank, from the same per-module gather, so
+    refreshing the teacher costs no second gather. Without it: DeepSpeed's own consolidation."""
+    if replica is None:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return _gather_into_replica(engine, replica)
+
+
+def _gather_into_replica(engine, replica):
+    """DeepSpeed's _zero3_consolidated_16bit_state_dict (runtime/engine.py, 0.19.8: one module's params gathered
+    at a time, shared params by ds_id, persistent buffers; checkpoint event prologue/epilogue), read-only
+    (modifier_rank=None: no broadcast back on exit), and each gathered tensor copied into `replica` on every rank."""
+    import collections
+    import deepspeed
+    r0 = rank() == 0
+    out = collections.OrderedDict() if r0 else None
+    shared = {}
+    dst = dict(replica.named_parameters(remove_duplicate=False))
+
+    def walk(module, prefix):
+        params = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            for name, p in module.named_parameters(recurse=False):
+                key = prefix + name
+                with torch.no_grad():
+                    dst[key].copy_(p.data)
+                if r0:
+                    if p.ds_id in shared:
+                        out[key] = out[shared[p.ds_id]]
+                    else:
+                        out[key] = p.detach().cpu()
+                        shared[p.ds_id] = key
+            if r0:
+                for name, buf in module.named_buffers(recurse=False):
+                    if buf is not None and name not in module._non_persistent_buffers_set:
+                        out[prefix + name] = buf.detach().cpu()
+        for name, child in module.named_children():
+            if child is not None:
+                walk(child, prefix + name + ".")
+
+    if engine._optimizer_has_ckpt_event_prologue():
+        engine.optimizer.checkpoint_event_prologue()
+    walk(engine.module, "")
+    if engine._optimizer_has_ckpt_event_epilogue():
+        engine.optimizer.checkpoint_event_epilogue()
+    return out
+
+
+def load_replica_(model, state_dict):
+    """Overwrite a replicated teacher's weights from a full state dict this rank holds (a snapshot's
+    model.safetensors: tied weights stored under their first name). No collective."""
+    seen = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        src = state_dict.get(name, seen.get(id(p)))
+        if src is None:
+            raise KeyError(f"state dict has no tensor {name!r} (different architecture?)")
+        seen[id(p)] = src
+        with torch.no_grad():
+            p.copy_(src.to(p.device, p.dtype))
+
+
+def micro_step(engine, loss, n_micro: int, last: bool, clock=None):
+    """One micro-batch of our own gradient accumulation (section 7, option B: exact for any n_micro).
+    clock(phase) (optional, the trainer's phase timer) is called after the backward and after the step."""
     engine.set_gradient_accumulation_boundary(last)
     engine.backward(loss / n_micro, scale_wrt_gas=False)
+    if clock:
+        clock("bwd")
     engine.step()
-
-
-def consolidated_state_dict(engine):
-    """Full 16-bit (module dtype) state dict gathered from ZeRO-3; collective; rank 0 gets it, others None."""
-    return engine._zero3_consolidated_16bit_state_dict()
+    if clock:
+        clock("opt")
 
 
 def load_weights_inplace(engine, state_dict):
@@ -513,9 +602,15 @@ def load_weights_inplace(engine, state_dict):
 
 
 def max_weight_diff(engine, state_dict) -> float:
-    """Max |engine weight - state_dict weight| over all parameters (collective gather; rank 0 computes)."""
+    """Max |engine weight - state_dict weight| over all parameters (collective gather; rank 0 computes).
+    A replicated teacher (plain module, no .module): compared in place on rank 0, no collective."""
     import deepspeed
     worst = 0.0
+    if not hasattr(engine, "module"):
+        if rank() == 0:
+            for name, p in engine.named_parameters():
+                worst = max(worst, (p.data.float().cpu() - state_dict[name].float().cpu()).abs().max().item())
+        return worst
     for name, p in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             if rank() == 0:

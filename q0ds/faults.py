@@ -2,11 +2,13 @@
 
 Points: nan_at_step=S (the loss of step S becomes NaN), preempt_at_step=S (as if SIGUSR1 arrived),
 crash_at_step=S (SIGKILL after step S), crash_in_snapshot=C (SIGKILL with cycle C's weights half-written),
-crash_in_checkpoint=S (SIGKILL after DeepSpeed wrote checkpoint S but before it was marked complete).
+crash_in_checkpoint=S (SIGKILL after DeepSpeed wrote checkpoint S but before it was marked complete),
+sleep_in_cycle_end=S (every cycle end's snapshot write takes S seconds longer on rank 0: a slow event).
 Unset in normal runs; each check is one dict lookup.
 """
 import os
 import signal
+import time
 
 
 def fault(name: str):
@@ -22,3 +24,10 @@ def crash_if(name: str, value) -> None:
     armed = fault(name)
     if armed is not None and armed == value:      # unarmed (None) never matches, not even a value of None
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep_if(name: str) -> None:
+    """Sleep the armed number of seconds (a slow filesystem or event, for timing tests)."""
+    s = fault(name)
+    if s:
+        time.sleep(s)

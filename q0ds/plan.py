@@ -299,17 +299,32 @@ def activation_bytes(model, micro_batch: int, seq_len: int, flash=True, checkpoi
     return int(math.ceil(full))
 
 
+TEACHER_MODES = ("auto", "replicated", "zero3")
+
+
 def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="adamw", teacher=True,
                 gpu_mem_gb=80, checkpointing=False, flash=True, max_live_parameters=1e9, reserve_gb=4.0,
-                reduce_bucket_size=5e8, deepspeed_check=True) -> dict:
+                reduce_bucket_size=5e8, deepspeed_check=True, teacher_mode="auto") -> dict:
     """Per-GPU memory ESTIMATE for one base (one node, ZeRO-3 over `gpus`), in bytes.
 
     reduce_bucket_size: ds_configs/zero3_bf16.hjson's (contiguous_gradients true). DeepSpeed 0.19.8 allocates
     the gradient bucket whole at start-up, `torch.empty(self.reduce_bucket_size, dtype=...)` on the device
     (deepspeed/runtime/zero/stage3.py, DeepSpeedZeroOptimizer_Stage3.__init__, "# IPG"), so on a GPU it is
-    resident from the first step. Missing from the plan until the CPU rehearsal measured 1.3x the estimate."""
+    resident from the first step. Missing from the plan until the CPU rehearsal measured 1.3x the estimate.
+
+    teacher_mode (run config distill.teacher_mode): "replicated" holds a full bf16 copy of the teacher on every
+    GPU (2 N bytes, never gathered), "zero3" partitions it like the student (2 N / gpus, re-gathered on every
+    micro-step), "auto" is replicated when the whole plan fits with the replica, else zero3 (teacher_choice)."""
     if optimizer not in ("adamw", "muon"):
         raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
+    if teacher_mode not in TEACHER_MODES:
+        raise ValueError(f"teacher_mode must be one of {', '.join(TEACHER_MODES)}, got {teacher_mode!r}")
+    if teacher_mode == "auto":
+        teacher_mode = "zero3"
+        if teacher:
+            rep = memory_plan(model, gpus, micro_batch, seq_len, optimizer, True, gpu_mem_gb, checkpointing, flash,
+                              max_live_parameters, reserve_gb, reduce_bucket_size, False, "replicated")
+            teacher_mode = "replicated" if rep["fits"] else "zero3"
     a, pb = _arch(model), param_breakdown(model)
     N, V, g = pb["total"], a["vocab_size"], gpus
     opt = 8 * N if optimizer == "adamw" else 4 * pb["matrices"] + 8 * (N - pb["matrices"])
@@ -321,7 +336,7 @@ def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="ad
         "student fp32 master": 4 * N / g,
         f"optimizer states ({optimizer})": opt / g,
         "student fp32 grads (grad_accum_dtype fp32)": 4 * N / g,
-        "teacher bf16 params": 2 * N / g if teacher else 0,
+        "teacher bf16 params": (2 * N if teacher_mode == "replicated" else 2 * N / g) if teacher else 0,
         gathered_key: min(max_live_parameters, N) * 2,
         f"gradient bucket (reduce_bucket_size {reduce_bucket_size:g} x {comm} B)": reduce_bucket_size * comm,
         "activations": activation_bytes(a, micro_batch, seq_len, flash, checkpointing),
@@ -336,7 +351,8 @@ def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="ad
     fixed = total - micro_batch * per_sample
     out = {"estimate": True, "model": model if isinstance(model, str) else "custom", "params": N,
            "largest_layer_params": pb["largest_layer"], "gpus": gpus, "micro_batch": micro_batch,
-           "seq_len": seq_len, "optimizer": optimizer, "teacher": teacher, "checkpointing": checkpointing,
+           "seq_len": seq_len, "optimizer": optimizer, "teacher": teacher,
+           "teacher_mode": teacher_mode if teacher else None, "checkpointing": checkpointing,
            "flash": flash, "bytes": parts, "student_model_states_bytes": model_states, "total_bytes": total,
            "gpu_mem_bytes": int(gpu_mem_gb * GB), "fits": total <= gpu_mem_gb * GB,
            "max_micro_batch": max(0, int((gpu_mem_gb * GB - fixed) // per_sample)),
@@ -345,7 +361,10 @@ def memory_plan(model="1.8b", gpus=8, micro_batch=8, seq_len=2048, optimizer="ad
                "partitions (ds_configs/zero3_bf16.hjson data_types.grad_accum_dtype fp32: stage3.py "
                "grad_partitions_flat_buffer has gradient_accumulation_dtype)",
                "AdamW m,v 8 B/param; Muon: 4 B momentum on 2-D block matrices, AdamW 8 B on the rest",
-               "teacher: bf16 params partitioned like the student, no optimizer state, no grads",
+               ("teacher: a full bf16 replica on every GPU (no gathers), no optimizer state, no grads"
+                if teacher_mode == "replicated" else
+                "teacher: bf16 params partitioned like the student (re-gathered every micro-step), no optimizer "
+                "state, no grads"),
                f"activations: measured {MEASURED['c_h']:g} h + {MEASURED['c_I']:g} I bytes/token/layer "
                f"(transformers Qwen3, SDPA, bf16; {MEASURED['source']}, {MEASURED['date_utc']}); "
                + ("flash/SDPA attention (no s^2 term)" if flash else "no flash attention (5as^2b term)"),
@@ -443,11 +462,150 @@ def time_plan(model="1.8b", gpus=8, tokens_per_step=524288, gpu="h100", mfu=0.4,
     return out
 
 
+def teacher_choice(model="1.8b", gpus=8, micro_batch=4, seq_len=2048, optimizer="muon", gpu_mem_gb=80,
+                   checkpointing=False, mode="auto", **kw) -> dict:
+    """The teacher the trainer builds (distill.teacher_mode): `mode` itself unless "auto"; auto is "replicated"
+    when memory_plan with a full bf16 teacher replica per GPU fits `gpu_mem_gb` (reserve included), else
+    "zero3". Returns {mode, requested, replicated_total_bytes, zero3_total_bytes, replica_extra_bytes, fits_*}."""
+    if mode not in TEACHER_MODES:
+        raise ValueError(f"distill.teacher_mode must be one of {', '.join(TEACHER_MODES)}, got {mode!r}")
+    plans = {m: memory_plan(model, gpus, micro_batch, seq_len, optimizer, True, gpu_mem_gb, checkpointing,
+                            deepspeed_check=False, teacher_mode=m, **kw) for m in ("replicated", "zero3")}
+    chosen = mode if mode != "auto" else ("replicated" if plans["replicated"]["fits"] else "zero3")
+    return {"mode": chosen, "requested": mode,
+            "replicated_total_bytes": plans["replicated"]["total_bytes"],
+            "zero3_total_bytes": plans["zero3"]["total_bytes"],
+            "replica_extra_bytes": plans["replicated"]["total_bytes"] - plans["zero3"]["total_bytes"],
+            "fits_replicated": plans["replicated"]["fits"], "fits_zero3": plans["zero3"]["fits"],
+            "gpu_mem_bytes": int(gpu_mem_gb * GB)}
+
+
+# Interconnects for traffic_plan: NCCL *bus* bandwidth (nccl-tests convention: for an all-reduce of S bytes
+# over n ranks, t = S * 2(n-1)/n / busbw; all-gather t = S * (n-1)/n / busbw), nominal, per direction.
+LINKS = {
+    # H100/H200 SXM NVLink 4: 900 GB/s bidirectional per GPU = 450 GB/s per direction; nccl-tests all_reduce
+    # busbw on 8x H100 reaches ~360-480 GB/s at large sizes (450 assumed)
+    "nvlink-h100": {"busbw": 450e9, "nodes": 1,
+                    "what": "1 node, H100/H200 SXM NVLink 4 (450 GB/s per direction per GPU, nominal)"},
+    # 2 nodes: an inter-node ring is limited by the NICs; NCCL runs one ring per NIC, so busbw ~ the node's
+    # aggregate NIC bandwidth (DGX A100, 8x HDR 200 Gb/s = 200 GB/s: nccl-tests ~185 GB/s measured)
+    "ib-2node-8x400": {"busbw": 8 * 400e9 / 8, "nodes": 2,
+                       "what": "2 nodes, 8x 400 Gb/s NDR InfiniBand per node (400 GB/s per node, nominal)"},
+    "ib-2node-4x200": {"busbw": 4 * 200e9 / 8, "nodes": 2,
+                       "what": "2 nodes, 4x 200 Gb/s HDR InfiniBand per node (100 GB/s per node, nominal)"},
+}
+
+
+def traffic_plan(model="1.8b", gpus_per_node=8, link="nvlink-h100", optimizer="muon", comm_bytes=None,
+                 teacher_mode="replicated", checkpointing=False, micro_steps=1) -> dict:
+    """ZeRO-3 collective traffic of one micro-step and its time on `link` (LINKS), no overlap with compute.
+
+    With Muon, ZeRO-3 needs reduce_scatter: false (deepspeed.md pitfall 2), so every micro-step all-reduces
+    the whole gradient, N elements of communication_data_type (fp32 with Muon: engine.student_ds_config; 4 B,
+    7.0 GB at 1.8B); AdamW reduce-scatters it (half the ring traffic) in bf16. Parameters are all-gathered in
+    bf16 in the forward and again in the backward (and once more in the recompute with activation
+    checkpointing); a ZeRO-3 teacher adds one gather per micro-step, a replicated one none."""
+    if link not in LINKS:
+        raise ValueError(f"unknown link {link!r}; choose one of {', '.join(LINKS)}")
+    L = LINKS[link]
+    n = gpus_per_node * L["nodes"]
+    N = param_count(model)
+    cb = comm_bytes or (4 if optimizer == "muon" else 2)
+    grad = cb * N
+    ring = (n - 1) / n
+    grad_factor = 2 * ring if optimizer == "muon" else ring        # all-reduce vs reduce-scatter
+    gathers = (3 if checkpointing else 2) + (1 if teacher_mode == "zero3" else 0)
+    gather = 2 * N * gathers
+    t_grad = grad * grad_factor / L["busbw"] if n > 1 else 0.0
+    t_gather = gather * ring / L["busbw"] if n > 1 else 0.0
+    return {"estimate": True, "link": link, "link_what": L["what"], "busbw_bytes_per_s": L["busbw"], "ranks": n,
+            "params": N, "grad_collective": "all-reduce" if optimizer == "muon" else "reduce-scatter",
+            "grad_bytes_per_micro_step": grad, "grad_s_per_micro_step": t_grad,
+            "param_gathers_per_micro_step": gathers, "gather_bytes_per_micro_step": gather,
+            "gather_s_per_micro_step": t_gather, "s_per_micro_step": t_grad + t_gather,
+            "micro_steps": micro_steps, "s_per_step": micro_steps * (t_grad + t_gather)}
+
+
+def recommend_micro_batch(model="1.8b", gpus_per_node=8, global_batch=256, seq_len=2048, optimizer="muon",
+                          gpu_mem_gb=80, link="nvlink-h100", teacher_mode="auto", gpu="h100", mfu=0.4,
+                          candidates=(1, 2, 4, 8, 16, 32, 64)) -> dict:
+    """The micro-batch / activation-checkpointing setting with the shortest estimated step: per setting that
+    fits (memory_plan), compute at `mfu` (time_plan; checkpointing recomputes the forward: + 2 N + 4 L h s
+    FLOPs/token) plus micro_steps x traffic_plan's collective time (no overlap assumed: an upper bound).
+    Micro-batches must divide the per-rank batch global_batch / ranks. Returns the best and every option."""
+    L = LINKS[link]
+    ranks = gpus_per_node * L["nodes"]
+    if global_batch % ranks:
+        raise ValueError(f"global batch {global_batch} does not split over {ranks} ranks")
+    per_rank = global_batch // ranks
+    tp = time_plan(model, gpus=ranks, tokens_per_step=global_batch * seq_len, gpu=gpu, mfu=mfu, seq_len=seq_len,
+                   teacher=True)
+    recompute = tp["teacher_flops_per_token"] / tp["flops_per_token"]    # one more forward: same FLOPs as teacher's
+    options = []
+    for ck in (False, True):
+        for mb in candidates:
+            if per_rank % mb:
+                continue
+            mem = memory_plan(model, gpus_per_node * L["nodes"], mb, seq_len, optimizer, True, gpu_mem_gb, ck,
+                              deepspeed_check=False, teacher_mode=teacher_mode)
+            if not mem["fits"]:
+                continue
+            steps = per_rank // mb
+            tr = traffic_plan(model, gpus_per_node, link, optimizer, teacher_mode=mem["teacher_mode"],
+                              checkpointing=ck, micro_steps=steps)
+            compute = tp["step_time_s"] * (1 + recompute if ck else 1)
+            options.append({"micro_batch": mb, "checkpointing": ck, "micro_steps": steps,
+                            "teacher_mode": mem["teacher_mode"], "total_bytes": mem["total_bytes"],
+                            "compute_s": compute, "comm_s": tr["s_per_step"], "step_s": compute + tr["s_per_step"]})
+    best = min(options, key=lambda o: (o["step_s"], o["micro_steps"])) if options else None
+    return {"estimate": True, "link": link, "ranks": ranks, "global_batch": global_batch, "per_rank_batch": per_rank,
+            "mfu": mfu, "best": best, "options": options}
+
+
+def format_traffic(model="1.8b", gpus_per_node=8, global_batch=256, seq_len=2048, optimizer="muon",
+                   gpu_mem_gb=80, teacher_mode="auto") -> str:
+    """Plain-text gradient/parameter traffic per micro-step on NVLink and 2-node InfiniBand, with the
+    recommended micro-batch / checkpointing setting for each."""
+    lines = [f"Traffic plan (ESTIMATE, no compute overlap): {model}, {optimizer}, global batch {global_batch} x seq "
+             f"{seq_len}; all-reduce t = S 2(n-1)/n / busbw, all-gather t = S (n-1)/n / busbw (nccl-tests bus bw)"]
+    for link in LINKS:
+        rec = recommend_micro_batch(model, gpus_per_node, global_batch, seq_len, optimizer, gpu_mem_gb, link,
+                                    teacher_mode)
+        b = rec["best"]
+        if b is None:
+            lines.append(f"  {LINKS[link]['what']}: no micro-batch fits {gpu_mem_gb:g} GB")
+            continue
+        tr = traffic_plan(model, gpus_per_node, link, optimizer, teacher_mode=b["teacher_mode"],
+                          checkpointing=b["checkpointing"], micro_steps=b["micro_steps"])
+        lines += [f"  {LINKS[link]['what']}, {rec['ranks']} ranks, bus bw {LINKS[link]['busbw'] / GB:g} GB/s:",
+                  f"    per micro-step: {tr['grad_collective']} of {tr['grad_bytes_per_micro_step'] / GB:.2f} GB "
+                  f"gradients {tr['grad_s_per_micro_step'] * 1e3:.1f} ms + {tr['param_gathers_per_micro_step']} "
+                  f"bf16 param gathers {tr['gather_bytes_per_micro_step'] / GB:.2f} GB "
+                  f"{tr['gather_s_per_micro_step'] * 1e3:.1f} ms",
+                  f"    recommended: micro_batch {b['micro_batch']}, activation checkpointing "
+                  f"{'on' if b['checkpointing'] else 'off'} -> {b['micro_steps']} micro-steps/step, "
+                  f"comm {b['comm_s']:.2f} s + compute {b['compute_s']:.2f} s (MFU {rec['mfu']:g}) per step"]
+        others = sorted(rec["options"], key=lambda o: o["step_s"])[1:3]
+        for o in others:
+            lines.append(f"      vs micro_batch {o['micro_batch']}, checkpointing {'on' if o['checkpointing'] else 'off'}"
+                         f": {o['micro_steps']} micro-steps, {o['step_s']:.2f} s/step")
+    return "\n".join(lines)
+
+
+def format_teacher_choice(c: dict) -> str:
+    why = (f"requested {c['requested']}" if c["requested"] != "auto" else
+           "auto: a full bf16 replica per GPU " + ("fits" if c["fits_replicated"] else "does not fit"))
+    return (f"Teacher (distill.teacher_mode): {c['mode']} ({why}); replicated {c['replicated_total_bytes'] / GB:.2f} "
+            f"GB/GPU total, zero3 {c['zero3_total_bytes'] / GB:.2f} GB/GPU (replica costs "
+            f"{c['replica_extra_bytes'] / GB:+.2f} GB, saves one full bf16 gather per micro-step)")
+
+
 def format_memory_plan(d: dict, t: dict | None = None) -> str:
     """Plain-text table of a memory_plan() dict (and optionally a time_plan() dict)."""
     lines = [f"Memory plan (ESTIMATE): {d['model']} ({d['params'] / 1e9:.3f}B params), ZeRO-3 over "
              f"{d['gpus']} GPUs, micro batch {d['micro_batch']} x seq {d['seq_len']}, {d['optimizer']}, "
-             f"teacher {'on' if d['teacher'] else 'off'}, checkpointing {'on' if d['checkpointing'] else 'off'}",
+             f"teacher {d['teacher_mode'] if d['teacher'] else 'off'}, "
+             f"checkpointing {'on' if d['checkpointing'] else 'off'}",
              f"  {'component':<58}{'GB/GPU':>9}"]
     lines += [f"  {k:<58}{v / GB:>9.2f}" for k, v in d["bytes"].items()]
     verdict = "fits" if d["fits"] else "DOES NOT FIT"

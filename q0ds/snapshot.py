@@ -51,9 +51,12 @@ def snapshot_dir(base_dir, cycle: int) -> Path:
     return Path(base_dir) / "snapshots" / f"cycle-{cycle:04d}"
 
 
-def write_snapshot(out_dir, state_dict, model_config, tokenizer_dir, meta: dict) -> dict:
+def write_snapshot(out_dir, state_dict, model_config, tokenizer_dir, meta: dict, timings: dict | None = None) -> dict:
     """Rank 0 only. Write weights + config + tokenizer + snapshot.json into a temp dir, then rename into place.
-    An existing dir for the same cycle (a re-run after resume) is replaced."""
+    An existing dir for the same cycle (a re-run after resume) is replaced. `timings` (optional) gets
+    hash_s: the seconds spent on the sha256 of the weights."""
+    import time
+    hash_s = 0.0
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -71,7 +74,9 @@ def write_snapshot(out_dir, state_dict, model_config, tokenizer_dir, meta: dict)
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
+        t_hash = time.perf_counter()
         meta = dict(meta, sha256=sha256_file(tmp / "model.safetensors"), scored=False)
+        hash_s = time.perf_counter() - t_hash
         atomic_write_text(tmp / "snapshot.json", json.dumps(meta, indent=2))
         if out_dir.exists():
             old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
@@ -89,6 +94,8 @@ def write_snapshot(out_dir, state_dict, model_config, tokenizer_dir, meta: dict)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if timings is not None:
+        timings["hash_s"] = hash_s
     return meta
 
 
@@ -274,6 +281,5 @@ def token_logprobs(model, windows, mask, batch: int, rank: int = 0, world: int =
         logits = model(input_ids=w[:, :-1]).logits.float()
         lp = logits.gather(-1, w[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
         out[start:start + len(idx)] = lp
-    if world > 1:
-        out = all_gather_cat(out, device)
+    out = all_gather_cat(out, device)            # a no-op at world size 1 (unless Q0DS_FORCE_COLLECTIVES=1)
     return out.cpu()[:n][mask]

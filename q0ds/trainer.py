@@ -28,7 +28,7 @@ from .compat import enable_activation_checkpointing
 from .config import ConfigError, RunConfig, atomic_write_text, save_config
 from .data import PreparedData
 from .distill import distill_loss
-from .faults import crash_if, fault
+from .faults import crash_if, fault, sleep_if
 from .files import write_failure
 from .model import build_config
 from .monitor import Monitor, check_sinks
@@ -149,6 +149,36 @@ def _diff(a, b, prefix=""):
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def _now() -> float:
+    """perf_counter once the accelerator's queued work is done: events are timed, not their kernel launches."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class PhaseClock:
+    """Per-step phase timings with Q0DS_PHASE_TIMES=1 (benchmarks/gpu_check.py): fwd_s, teacher_s, loss_s, bwd_s,
+    opt_s summed over the step's micro-steps (opt_s: DeepSpeed's engine.step(), the optimizer on the last one).
+    A device sync at every phase boundary, so measurements only; unset, every call returns at once."""
+
+    def __init__(self):
+        self.on = os.environ.get("Q0DS_PHASE_TIMES") == "1"
+        self.acc, self.t = {}, 0.0
+
+    def start(self):
+        if self.on:
+            self.acc, self.t = {}, _now()
+
+    def __call__(self, phase: str):
+        if self.on:
+            t = _now()
+            self.acc[phase] = self.acc.get(phase, 0.0) + t - self.t
+            self.t = t
+
+    def record(self) -> dict:
+        return {f"{k}_s": round(v, 6) for k, v in self.acc.items()} if self.on else {}
+
+
 def cpu_threads(local_world: int = 1) -> int:
     """Torch threads of a CPU rank: Q0DS_THREADS, else OMP_NUM_THREADS, else the cores shared by the ranks."""
     threads = int(os.environ.get("Q0DS_THREADS", 0) or os.environ.get("OMP_NUM_THREADS", 0) or 0)
@@ -200,11 +230,16 @@ class BaseTrainer:
                                                   lambda s: multipliers(min(s, self.plan.total_steps - 1), self.plan, cfg.schedule),
                                                   grad_clip=cfg.train.grad_clip)
         d = cfg.distill
-        self.teacher = (E.make_teacher(E.build_partitioned(self.model_config, self.seed, ds, init=False), ds)
-                        if d.enabled and d.start_cycle < cfg.schedule.cycles else None)
+        self.teacher, self.teacher_mode = None, None
+        if d.enabled and d.start_cycle < cfg.schedule.cycles:
+            self.teacher_mode = self._choose_teacher_mode()
+            self.teacher = (E.make_replicated_teacher(self.model_config, self.student)
+                            if self.teacher_mode == "replicated" else
+                            E.make_teacher(E.build_partitioned(self.model_config, self.seed, ds, init=False), ds))
         self.teacher_cycle = None
         self._pending = None         # rank 0: a failed metrics write, reported at the next agreement point
         err = None
+        self.clock = PhaseClock()
         if self.rank == 0:   # only now that DeepSpeed accepted the config: a refused launch leaves no run dir behind
             try:
                 self.lock = _write_run_config(cfg, self.dir)
@@ -224,6 +259,29 @@ class BaseTrainer:
         self.step = 0
         self._last_checkpoint = None
         self.monitor = None          # rank 0: metrics.jsonl + TensorBoard/W&B (q0ds/monitor.py), opened after resume
+
+    def _choose_teacher_mode(self) -> str:
+        """distill.teacher_mode, auto resolved by q0ds.plan.teacher_choice for this model, world size, micro batch
+        and the smallest GPU of the job (one all-reduce). On CPU auto is zero3: the plan is a GPU memory plan."""
+        mode = self.cfg.distill.teacher_mode
+        if mode != "auto" or not torch.cuda.is_available():
+            chosen = "zero3" if mode == "auto" else mode
+            self._print(f"teacher: {chosen} ({'requested' if mode != 'auto' else 'auto, no GPU'})")
+            return chosen
+        from .plan import teacher_choice
+        c, t = self.model_config, self.cfg.train
+        arch = {k: getattr(c, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                           "num_key_value_heads", "intermediate_size")}
+        arch.update(head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+                    tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
+        mem = torch.tensor([float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)])
+        mem = E.all_reduce_(mem, self.student.device, "min").item()
+        ch = teacher_choice(arch, gpus=self.world, micro_batch=t.micro_batch, seq_len=t.seq_len,
+                            optimizer=self.cfg.optim.name, gpu_mem_gb=mem / 1e9,
+                            checkpointing=t.activation_checkpointing)
+        self._print(f"teacher: {ch['mode']} (auto: q0ds plan --memory puts {ch['replicated_total_bytes'] / 1e9:.1f} GB "
+                    f"per GPU with a replica, {ch['zero3_total_bytes'] / 1e9:.1f} GB without, of {mem / 1e9:.1f} GB)")
+        return ch["mode"]
 
     # ------------------------------------------------------------ the loop
     def train(self) -> int:
@@ -248,16 +306,15 @@ class BaseTrainer:
 
     def _train_loop(self) -> int:
         bar = self._progress()
-        t_last = time.time()
         while self.step < self.plan.total_steps:
             cyc = self.plan.cycle_at(self.step)
-            parts = self._train_step(cyc)
+            t0 = time.perf_counter()
+            parts = self._train_step(cyc)          # ends in the loss .tolist(): the device work is done
+            step_s = time.perf_counter() - t0      # this step only: cycle ends and checkpoints are timed as events
             stop = parts.pop("stop")
             self.step += 1
-            now = time.time()
-            tok_s = cyc.batch * self.cfg.train.seq_len / max(1e-9, now - t_last)
-            t_last = now
-            self._log_step(cyc, parts, tok_s, bar)
+            tok_s = cyc.batch * self.cfg.train.seq_len / max(1e-9, step_s)
+            self._log_step(cyc, dict(parts, step_s=round(step_s, 6), **self.clock.record()), tok_s, bar)
             if self.step == cyc.end_step:
                 self._end_cycle(cyc)
             elif self.step % self.cfg.train.ckpt_every == 0:
@@ -291,14 +348,17 @@ class BaseTrainer:
         distilled = self._distilled(cyc)
         dev = self.student.device
         sums = torch.zeros(5, device=dev)
+        self.clock.start()
         for i in range(n_micro):
             w = rows[i * t.micro_batch:(i + 1) * t.micro_batch].to(self.student.device)
             inputs, labels = w[:, :-1], w[:, 1:]
             logits = self.student(input_ids=inputs).logits
+            self.clock("fwd")
             if fault("nan_at_step") == self.step:
                 logits = logits * float("nan")
             loss, parts = self._loss(logits, inputs, labels, distilled)
-            E.micro_step(self.student, loss, n_micro, last=i == n_micro - 1)
+            self.clock("loss")
+            E.micro_step(self.student, loss, n_micro, last=i == n_micro - 1, clock=self.clock)
             sums[:3] += torch.stack([loss.detach().float(), parts["ce"].float(), parts["kl"].float().to(dev)])
         # The stop flag (SIGUSR1/SIGTERM, or the test fault) rides in the loss all-reduce: one collective and one
         # host sync per step (the .tolist()); it also tells every rank about a NaN.
@@ -330,19 +390,31 @@ class BaseTrainer:
         if distilled:
             with torch.no_grad():
                 t_logits = self.teacher(input_ids=inputs).logits
+            self.clock("teacher")
         return distill_loss(logits, t_logits, labels, d.alpha if distilled else 0.0, d.temperature)
 
     # ------------------------------------------------------------ cycle end: the q0 event order
     def _end_cycle(self, cyc):
+        """Each part is timed on its own (an event record's *_s keys), never in the next step's step_s."""
         snap = snapshot_dir(self.dir, cyc.index)
-        state = E.consolidated_state_dict(self.student)                    # collective
+        nxt = cyc.index + 1
+        refresh = self.teacher is not None and self.cfg.distill.start_cycle <= nxt < len(self.plan.cycles)
+        # a replicated teacher is refreshed inside the snapshot's own gather (engine.consolidated_state_dict)
+        replica = self.teacher if refresh and self.teacher_mode == "replicated" else None
+        ev, t = {}, _now()
+        state = E.consolidated_state_dict(self.student, replica=replica)   # collective
+        ev["gather_s"] = _now() - t
         err = None
         if self.rank == 0:                                                 # 1. save first
+            t = _now()
             try:
-                write_snapshot(snap, state, self.model_config, self.data.tokenizer_dir, self._snapshot_meta(cyc))
+                write_snapshot(snap, state, self.model_config, self.data.tokenizer_dir, self._snapshot_meta(cyc), ev)
             except OSError as e:                                        # WriteFailed included
                 err = self._failure(snap, e)
+            sleep_if("sleep_in_cycle_end")
+            ev["write_s"] = _now() - t - ev.get("hash_s", 0.0)
         self._agree(err)                                                   # (the barrier before scoring)
+        t = _now()
         scores = self._score()                                            # 2. score (all ranks)
         val_loss = -scores["val"].double().mean().item()
         if self.rank == 0:
@@ -350,23 +422,31 @@ class BaseTrainer:
                 write_scores(snap, {k: v.exp() for k, v in scores.items()}, {"val_loss": val_loss})
             except OSError as e:
                 err = self._failure(snap, e)
+        ev["score_s"] = _now() - t
+        if self.rank == 0:
             self._log({"event": "snapshot", "step": self.step, "cycle": cyc.index, "val_loss": val_loss,
-                       "epoch": self.plan.epoch_at(self.step), "path": str(snap)})
+                       "epoch": self.plan.epoch_at(self.step), "path": str(snap),
+                       **{k: round(v, 6) for k, v in ev.items()}})
         self._agree(err)
         self._print(f"cycle {cyc.index} done: val loss {val_loss:.4f} -> {snap}")
-        nxt = cyc.index + 1
-        if self.teacher is not None and self.cfg.distill.start_cycle <= nxt < len(self.plan.cycles):
-            E.load_weights_inplace(self.teacher, state)                    # 3. teacher <- snapshot
+        if refresh:                                                        # 3. teacher <- snapshot
+            t = _now()
+            if replica is None:
+                E.load_weights_inplace(self.teacher, state)
             self.teacher_cycle = cyc.index
+            rec = {"event": "teacher", "step": self.step, "cycle": cyc.index, "mode": self.teacher_mode,
+                   "refresh_s": round(_now() - t, 6)}          # replicated: 0, the copy was part of gather_s
             if self.cfg.train.verify_teacher:
-                diff = E.max_weight_diff(self.teacher, state)
-                self._log({"event": "teacher", "step": self.step, "cycle": cyc.index, "max_abs_diff": diff})
+                rec["max_abs_diff"] = E.max_weight_diff(self.teacher, state)
+            self._log(rec)
         del state
         p = self.cfg.perturb
         if p.enabled and nxt < len(self.plan.cycles):                      # 4. perturb the student
             scale = perturb_scale(cyc.index, len(self.plan.cycles), p.start, p.end)
+            t = _now()
             rel = E.perturb_(self.student, scale, seed=(self.seed * 1_000_003 + cyc.index) % 2**31)
-            self._log({"event": "perturb", "step": self.step, "cycle": cyc.index, "scale": scale, "rel_change": rel})
+            self._log({"event": "perturb", "step": self.step, "cycle": cyc.index, "scale": scale, "rel_change": rel,
+                       "perturb_s": round(_now() - t, 6)})
         self._checkpoint()                                                 # 5. resume checkpoint
 
     def _snapshot_meta(self, cyc) -> dict:
@@ -400,6 +480,7 @@ class BaseTrainer:
     def _checkpoint(self):
         tag = f"step-{self.step:08d}"
         self._last_checkpoint = self.step
+        t = _now()
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         err = self._failure(self.ckpt_dir / tag, E.save_checkpoint(self.student, self.ckpt_dir, tag, self._client_state()))
         try:
@@ -418,6 +499,8 @@ class BaseTrainer:
             if self.rank == 0:          # never marked complete: remove it (a relaunch would ignore it anyway)
                 shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)
             raise
+
+        self._log({"event": "checkpoint", "step": self.step, "tag": tag, "checkpoint_s": round(_now() - t, 6)})
 
     def _intact(self) -> str:
         tag = latest_checkpoint(self.ckpt_dir)
@@ -489,6 +572,16 @@ class BaseTrainer:
         from safetensors.torch import load_file
         from .snapshot import verify
         snap = snapshot_dir(self.dir, cycle)
+        if self.teacher_mode == "replicated":          # every rank reads the file itself: no collective
+            err = None
+            if self.rank == 0:
+                try:
+                    verify(snap)
+                except Exception as e:
+                    err = e
+            self._agree(err)
+            E.load_replica_(self.teacher, load_file(snap / "model.safetensors"))
+            return
         sd, err = None, None
         if self.rank == 0:
             try:
@@ -517,6 +610,7 @@ class BaseTrainer:
                **parts, "tokens_per_s": round(tok_s, 1)}
         if torch.cuda.is_available():                       # benchmarks/gpu_check.py reads it (rank 0's device)
             rec["peak_gpu_mem_bytes"] = torch.cuda.max_memory_allocated()
+            rec["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
         if self.rank == 0:
             if self.step % self.cfg.train.log_every == 0 or self.step == cyc.end_step:
                 self._log(rec)                               # grad_norm (Muon + grad_clip) rode in the step's .tolist()

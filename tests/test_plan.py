@@ -131,7 +131,7 @@ def test_param_count_1_8b():
 
 def test_memory_plan_1_8b_model_states_and_deepspeed_crosscheck():
     N, g = 1_747_584_512, 8
-    d = memory_plan("1.8b", gpus=g, micro_batch=8, seq_len=2048, optimizer="adamw", teacher=True)
+    d = memory_plan("1.8b", gpus=g, micro_batch=8, seq_len=2048, optimizer="adamw", teacher=True, teacher_mode="zero3")
     assert d["estimate"] is True and d["params"] == N and d["assumptions"]
     b = d["bytes"]
     assert d["student_model_states_bytes"] == pytest.approx((2 + 4 + 8 + 4) * N / g, abs=4)   # fp32 grad partitions
@@ -253,3 +253,84 @@ def test_cpu_rank_memory_terms_and_bad_dtype():
     assert half["bytes"]["activations"] * 2 == pytest.approx(d["bytes"]["activations"], abs=2)
     with pytest.raises(ValueError, match="dtype_bytes must be 2"):
         cpu_rank_memory(arch, world=2, micro_batch=1, seq_len=2048, dtype_bytes=8)
+
+
+# ---------------------------------------------------------------- issue 19 section 3: teacher choice and traffic
+def test_teacher_choice_replica_memory_and_auto_rule():
+    from q0ds.plan import teacher_choice
+    N, g = 1_747_584_512, 8
+    rep = memory_plan("1.8b", gpus=g, micro_batch=4, optimizer="muon", teacher_mode="replicated", deepspeed_check=False)
+    z3 = memory_plan("1.8b", gpus=g, micro_batch=4, optimizer="muon", teacher_mode="zero3", deepspeed_check=False)
+    assert rep["bytes"]["teacher bf16 params"] == 2 * N and z3["bytes"]["teacher bf16 params"] == math.ceil(2 * N / g)
+    assert rep["total_bytes"] - z3["total_bytes"] == 2 * N - math.ceil(2 * N / g)
+    c = teacher_choice("1.8b", gpus=g, micro_batch=4, gpu_mem_gb=80)
+    assert c["mode"] == "replicated" and c["replica_extra_bytes"] == 2 * N - math.ceil(2 * N / g)   # 3.06 GB
+    assert memory_plan("1.8b", gpus=g, micro_batch=4, optimizer="muon", deepspeed_check=False)["teacher_mode"] == "replicated"
+    # a GPU the replicated plan just misses: auto falls back to zero3 (the zero3 plan still fits)
+    mid = (rep["total_bytes"] + z3["total_bytes"]) / 2 / 1e9
+    c = teacher_choice("1.8b", gpus=g, micro_batch=4, gpu_mem_gb=mid)
+    assert c["mode"] == "zero3" and not c["fits_replicated"] and c["fits_zero3"]
+    assert teacher_choice("1.8b", gpus=g, micro_batch=4, gpu_mem_gb=mid, mode="replicated")["mode"] == "replicated"
+    assert memory_plan("1.8b", teacher=False, deepspeed_check=False)["teacher_mode"] is None
+    with pytest.raises(ValueError, match="teacher_mode"):
+        teacher_choice(mode="cpu")
+
+
+def test_traffic_plan_against_hand_computed_values():
+    from q0ds.plan import traffic_plan
+    N = 1_747_584_512
+    t = traffic_plan("1.8b", gpus_per_node=8, link="nvlink-h100", optimizer="muon", teacher_mode="zero3",
+                     micro_steps=8)
+    # Muon: all-reduce (reduce_scatter false) of N fp32 gradients = 6.99 GB per micro-step
+    assert t["grad_bytes_per_micro_step"] == 4 * N and round(4 * N / 1e9, 2) == 6.99
+    # ring all-reduce over 8 ranks at 450 GB/s bus bandwidth: 4N * 2 * 7/8 / 450e9 = 27.2 ms
+    assert t["grad_s_per_micro_step"] == pytest.approx(4 * N * 1.75 / 450e9) and round(t["grad_s_per_micro_step"], 4) == 0.0272
+    # forward + backward gather + the ZeRO-3 teacher's: 3 x 2N bytes, all-gather 7/8 of it
+    assert t["gather_bytes_per_micro_step"] == 3 * 2 * N
+    assert t["gather_s_per_micro_step"] == pytest.approx(6 * N * 7 / 8 / 450e9)
+    assert t["s_per_step"] == pytest.approx(8 * (t["grad_s_per_micro_step"] + t["gather_s_per_micro_step"]))
+    ib = traffic_plan("1.8b", 8, "ib-2node-4x200", "muon", teacher_mode="replicated", checkpointing=True)
+    assert ib["ranks"] == 16 and ib["busbw_bytes_per_s"] == 100e9
+    assert ib["grad_s_per_micro_step"] == pytest.approx(4 * N * 2 * 15 / 16 / 100e9)          # 131 ms
+    assert ib["param_gathers_per_micro_step"] == 3                                          # + the recompute
+    assert traffic_plan("1.8b", 8, "ib-2node-8x400")["busbw_bytes_per_s"] == 400e9
+    adam = traffic_plan("1.8b", 8, "nvlink-h100", "adamw")
+    assert adam["grad_collective"] == "reduce-scatter"
+    assert adam["grad_s_per_micro_step"] == pytest.approx(2 * N * 7 / 8 / 450e9)
+    assert traffic_plan("1.8b", 1, "nvlink-h100")["s_per_micro_step"] == 0.0
+    with pytest.raises(ValueError, match="unknown link"):
+        traffic_plan(link="ethernet")
+
+
+def test_recommended_micro_batch_minimises_the_estimated_step():
+    from q0ds.plan import LINKS, recommend_micro_batch, traffic_plan
+    r = recommend_micro_batch("1.8b", 8, global_batch=256, seq_len=2048, gpu_mem_gb=80, link="nvlink-h100")
+    assert r["per_rank_batch"] == 32
+    best = r["best"]
+    # micro-batch 8 is the largest without checkpointing that fits 80 GB (memory_plan.max_micro_batch)
+    assert (best["micro_batch"], best["checkpointing"], best["micro_steps"]) == (8, False, 4)
+    assert not any(o["micro_batch"] == 16 and not o["checkpointing"] for o in r["options"])
+    assert all(best["step_s"] <= o["step_s"] for o in r["options"])
+    tp = time_plan("1.8b", gpus=8, tokens_per_step=256 * 2048, teacher=True)
+    tr = traffic_plan("1.8b", 8, "nvlink-h100", "muon", teacher_mode=best["teacher_mode"], micro_steps=4)
+    assert best["step_s"] == pytest.approx(tp["step_time_s"] + tr["s_per_step"])
+    ck = next(o for o in r["options"] if o["micro_batch"] == 8 and o["checkpointing"])
+    assert ck["compute_s"] == pytest.approx(tp["step_time_s"] * (1 + tp["teacher_flops_per_token"] / tp["flops_per_token"]))
+    # a slow network favours fewer micro-steps: on 4x200 Gb/s the 1-micro-step checkpointed setting costs less
+    # communication than any other
+    slow = recommend_micro_batch("1.8b", 8, 256, 2048, gpu_mem_gb=80, link="ib-2node-4x200")
+    assert min(o["comm_s"] for o in slow["options"]) == next(o["comm_s"] for o in slow["options"] if o["micro_steps"] == 1)
+    assert set(LINKS) == {"nvlink-h100", "ib-2node-8x400", "ib-2node-4x200"}
+    with pytest.raises(ValueError, match="does not split"):
+        recommend_micro_batch(global_batch=100)
+
+
+def test_plan_memory_cli_shows_teacher_choice_and_traffic():
+    from conftest import run_cli
+    out = run_cli("plan", "--memory", "--gpus", "8", "--micro-batch", "4").stdout
+    assert "Teacher (distill.teacher_mode): replicated (auto: a full bf16 replica per GPU fits)" in out
+    assert "teacher replicated" in out and "replica costs +3.06 GB" in out
+    assert "all-reduce of 6.99 GB gradients 27.2 ms" in out and "400 GB/s per node" in out
+    assert "recommended: micro_batch 8, activation checkpointing off -> 4 micro-steps/step" in out
+    z = run_cli("plan", "--memory", "--teacher-mode", "zero3").stdout
+    assert "Teacher (distill.teacher_mode): zero3 (requested zero3)" in z
