@@ -196,10 +196,26 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def fingerprint(self, exclude=("run_dir", "monitor")) -> str:
+    def fingerprint(self, exclude=None) -> str:
         """Hash of everything that changes the trajectory (resume refuses a different one)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        d = self.to_dict()
+        for key in EXECUTION_ONLY if exclude is None else exclude:
+            *parents, leaf = key.split(".")
+            sub = d
+            for k in parents:
+                sub = sub.get(k, {})
+            sub.pop(leaf, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Keys that change how a run executes, never its trajectory: a resume may change them, and they are not part of
+# the fingerprint (so a run started before distill.teacher_mode existed resumes unchanged).
+EXECUTION_ONLY = ("run_dir", "monitor", "distill.teacher_mode")
+
+
+def execution_only(key: str) -> bool:
+    """Is the dotted config key KEY (or a key below it) one of EXECUTION_ONLY?"""
+    return any(key == k or key.startswith(k + ".") for k in EXECUTION_ONLY)
 
 
 def _require(ok, name, what):

@@ -25,7 +25,7 @@ import torch
 
 from . import engine as E
 from .compat import enable_activation_checkpointing
-from .config import ConfigError, RunConfig, atomic_write_text, save_config
+from .config import ConfigError, RunConfig, atomic_write_text, execution_only, save_config
 from .data import PreparedData
 from .distill import distill_loss
 from .faults import crash_if, fault, sleep_if
@@ -128,7 +128,7 @@ def _write_run_config(cfg: RunConfig, base_path: Path | None = None) -> BaseLock
             lock = BaseLock(base_path)
         if path.is_file():
             old = json.loads(path.read_text())
-            diff = [k for k in _diff(old, cfg.to_dict()) if not k.startswith("monitor.")]   # not the trajectory
+            diff = [k for k in _diff(old, cfg.to_dict()) if not execution_only(k) or k == "run_dir"]
             if diff:
                 raise ConfigError(f"{path} was written by a different config (differs in: {', '.join(diff)}); "
                                   "use a new run_dir, or restore the original settings to resume")
@@ -550,8 +550,7 @@ class BaseTrainer:
                                                  ("config", self.cfg.fingerprint(), "run config"))
                    if cs.get(key) != mine]
         if differs:
-            keys = [k for k in _diff(cs.get("config_dict", {}), self.cfg.to_dict())
-                    if k != "run_dir" and not k.startswith("monitor")]
+            keys = [k for k in _diff(cs.get("config_dict", {}), self.cfg.to_dict()) if not execution_only(k)]
             raise ResumeError(f"checkpoint {self.ckpt_dir / tag} was written with a different {' and '.join(differs)}"
                               + (f" (changed: {', '.join(keys)})" if keys else "")
                               + "; restore the original or use a new run_dir")

@@ -108,3 +108,25 @@ def test_ds_config_refuses_managed_keys(tmp_path):
     p.write_text("{ train_batch_size: 8, zero_optimization: { stage: 3 } }")
     with pytest.raises(ConfigError, match="train_batch_size"):
         load_ds_config(p)
+
+
+def test_execution_only_keys_do_not_block_a_resume(tmp_path):
+    """A run dir written before distill.teacher_mode existed (or with another teacher_mode) resumes; a change of a
+    trajectory key is still refused, naming it. The fingerprint ignores execution-only keys."""
+    import dataclasses
+    import json
+    from q0ds.config import ConfigError, RunConfig
+    from q0ds.trainer import _write_run_config
+    cfg = RunConfig(run_dir=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    old = cfg.to_dict()
+    del old["distill"]["teacher_mode"]                      # what an older q0ds wrote
+    (tmp_path / "run" / "config.json").write_text(json.dumps(old))
+    _write_run_config(cfg)
+    _write_run_config(dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher_mode="zero3")))
+    assert dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher_mode="zero3")).fingerprint() \
+        == cfg.fingerprint()
+    changed = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, alpha=0.5))
+    assert changed.fingerprint() != cfg.fingerprint()
+    with pytest.raises(ConfigError, match="distill.alpha"):
+        _write_run_config(changed)
