@@ -3,6 +3,8 @@
     # measure one side (runs pytest on the given files from --root, samples the load average meanwhile)
     python benchmarks/suite_durations.py measure --label before --root /tmp/old-checkout tests/test_x.py
     python benchmarks/suite_durations.py measure --label after tests/test_x.py
+    # two sides measured at the same time write separate files (--out), then
+    python benchmarks/suite_durations.py merge /tmp/before.json /tmp/after.json
     # or record an existing junit XML (e.g. of a full idle `make test PYTEST_ARGS=--junitxml=suite.xml`)
     python benchmarks/suite_durations.py parse --label after suite.xml
 
@@ -61,13 +63,19 @@ def run_pytest(files, root: Path, xml: Path, extra=()) -> tuple[int, list[float]
     return code, samples
 
 
-def merge(label: str, results: dict, load, source: str, out: Path = OUT) -> dict:
+def merge(label: str, results: dict, load, source: str, out: Path = OUT, rows: dict | None = None,
+          runs: list | None = None) -> dict:
+    """Merge one side's results (or, with `rows`/`runs`, another results file's) into `out`; refresh the totals."""
     doc = json.loads(out.read_text()) if out.is_file() else {"tests": {}, "files": {}, "runs": []}
     for tid, r in results.items():
         row = doc["tests"].setdefault(tid, {})
         row[f"{label}_s"] = r["s"]
         row[f"{label}_outcome"] = r["outcome"]
         row.setdefault("load", {})[label] = load
+    for tid, r in (rows or {}).items():
+        row = doc["tests"].setdefault(tid, {})
+        row.update({k: v for k, v in r.items() if k != "load"})
+        row.setdefault("load", {}).update(r.get("load", {}))
     files: dict = {}
     for tid, row in doc["tests"].items():
         f = files.setdefault(tid.split("::")[0], {})
@@ -76,8 +84,11 @@ def merge(label: str, results: dict, load, source: str, out: Path = OUT) -> dict
                 f[f"{side}_s"] = round(f.get(f"{side}_s", 0.0) + row[f"{side}_s"], 2)
     doc["files"] = dict(sorted(files.items()))
     doc["tests"] = dict(sorted(doc["tests"].items()))
-    doc["runs"].append({"label": label, "source": source, "tests": len(results), "load": load,
-                        "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if runs is not None:
+        doc["runs"].extend(runs)
+    else:
+        doc["runs"].append({"label": label, "source": source, "tests": len(results), "load": load,
+                            "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     return doc
@@ -95,9 +106,17 @@ def main(argv=None) -> int:
     p.add_argument("--label", choices=("before", "after"), required=True)
     p.add_argument("--load", type=float, default=None, help="the load average of that run, if known")
     p.add_argument("xml")
-    for s in (m, p):
+    j = sub.add_parser("merge", help="merge other results files (e.g. sides measured at the same time) into --out")
+    j.add_argument("files", nargs="+")
+    for s in (m, p, j):
         s.add_argument("--out", default=str(OUT))
     a = ap.parse_args(argv)
+    if a.cmd == "merge":
+        for f in a.files:
+            other = json.loads(Path(f).read_text())
+            merge("", {}, None, f, Path(a.out), rows=other["tests"], runs=other["runs"])
+        print(f"merged {len(a.files)} file(s) -> {a.out}")
+        return 0
     if a.cmd == "parse":
         res = parse_junit(a.xml)
         merge(a.label, res, a.load, a.xml, Path(a.out))

@@ -88,9 +88,11 @@ def _no_shm_left_behind():
 # ---------------------------------------------------------------- one trained 2-rank run for the whole session
 # The end-to-end config: 4 cycles of 3 steps, chain distillation from cycle 2, perturbation, checkpoints every
 # 2 steps, the block-triangular batch schedule and residual dropout (exact resume then also needs each rank's
-# generator). Tests that only READ a trained 2-rank run use `trained_2rank`; tests that train their own run
-# of the same config (faults, resumes) compare against it.
-E2E_OVERRIDES = ["schedule.cycles=4", "schedule.cycle_steps=3", "distill.start_cycle=2", "train.ckpt_every=2",
+# generator); 2 bases. Tests that only READ a trained 2-rank run use `trained_2rank` (base 0 through the
+# launcher on 2 ranks); `trained_population` completes the same run dir with `q0ds run` (base 1 and both
+# baselines, 1 rank each, 2 side by side; then prior, eval, report) for the tests that read a population.
+# Tests that train their own run of the same config (faults, resumes: base 0 only) compare against it.
+E2E_OVERRIDES = ["bases=2", "schedule.cycles=4", "schedule.cycle_steps=3", "distill.start_cycle=2", "train.ckpt_every=2",
                  "train.verify_teacher=true", "train.micro_batch=2", "train.global_batch=8", "train.small_batch=4",
                  "model.dropout=0.1"]
 
@@ -110,6 +112,12 @@ class Trained2Rank:
     def __init__(self, root: Path, runs: Path, data):
         self.root, self.runs, self.data = root, runs, data
         self.collectives = root / "collectives"
+        self.hashes: dict = {}
+
+    def check_unchanged(self):
+        now = tree_hashes(self.root)
+        changed = sorted(k for k in self.hashes.keys() | now.keys() if self.hashes.get(k) != now.get(k))
+        assert not changed, f"a test modified the shared trained_2rank run (copy it first): {changed[:10]}"
 
     def config(self, name, *extra, where=None):
         from q0ds.config import load_config, save_config
@@ -130,11 +138,23 @@ def trained_2rank(tmp_path_factory, embedded_data):
     path, t.cfg = t.config("straight", where=t.root)
     # every tensor reaching torch.distributed is logged per rank (engine._record_collectives)
     run_launcher(path, 0, env={"Q0DS_RECORD_COLLECTIVES": str(t.collectives)})
-    before = tree_hashes(t.root)
+    t.path = path
+    t.hashes = tree_hashes(t.root)
     yield t
-    after = tree_hashes(t.root)
-    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    assert not changed, f"a test modified the shared trained_2rank run (copy it first): {changed[:10]}"
+    t.check_unchanged()
+
+
+@pytest.fixture(scope="session")
+def trained_population(trained_2rank):
+    """`trained_2rank`'s run dir completed by `q0ds run --parallel 2 --baselines --ensemble-members 2`: base 0
+    is already done (done.json), so it trains base 1 and the single and 2-member ensemble baselines, then
+    writes prior.json, eval.json and the report. Returns the same object (cfg.run_dir is the population)."""
+    t = trained_2rank
+    t.check_unchanged()
+    p = run_cli("run", "--config", t.path, "--parallel", "2", "--baselines", "--ensemble-members", "2")
+    assert "report:" in p.stdout, p.stdout[-2000:]
+    t.hashes = tree_hashes(t.root)
+    return t
 
 
 def read_jsonl(path):
