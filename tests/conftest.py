@@ -62,6 +62,8 @@ def run_launcher(config, base, *overrides, ranks=2, env=None, timeout=900, check
     p = subprocess.run(cmd, cwd=ROOT, env=e, text=True, capture_output=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+    # a rank dying at exit ("terminate called without an active exception") must never pass for a clean launch
+    assert p.returncode != 0 or "terminate called" not in p.stderr, p.stderr[-3000:]
     left = shm_leftovers({port})
     assert not left, f"the launch left DeepSpeed shm buffers behind: {left}"
     return p
@@ -81,6 +83,78 @@ def _no_shm_left_behind():
     yield
     left = shm_leftovers(LAUNCH_PORTS)
     assert not left, f"DeepSpeed shm buffers left in /dev/shm by this test session: {left}"
+
+
+# ---------------------------------------------------------------- one trained 2-rank run for the whole session
+# The end-to-end config: 4 cycles of 3 steps, chain distillation from cycle 2, perturbation, checkpoints every
+# 2 steps, the block-triangular batch schedule and residual dropout (exact resume then also needs each rank's
+# generator); 2 bases. Tests that only READ a trained 2-rank run use `trained_2rank` (base 0 through the
+# launcher on 2 ranks); `trained_population` completes the same run dir with `q0ds run` (base 1 and both
+# baselines, 1 rank each, 2 side by side; then prior, eval, report) for the tests that read a population.
+# Tests that train their own run of the same config (faults, resumes: base 0 only) compare against it.
+E2E_OVERRIDES = ["bases=2", "schedule.cycles=4", "schedule.cycle_steps=3", "distill.start_cycle=2", "train.ckpt_every=2",
+                 "train.verify_teacher=true", "train.micro_batch=2", "train.global_batch=8", "train.small_batch=4",
+                 "model.dropout=0.1"]
+
+
+def tree_hashes(root) -> dict:
+    """sha256 of every file under `root` (relative path -> hex digest)."""
+    import hashlib
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+class Trained2Rank:
+    """The shared run: `cfg` (its RunConfig; run dir `cfg.run_dir`), `collectives` (per-rank logs of every tensor
+    that reached torch.distributed) and `config(name, *extra)`, which writes a config of the same settings
+    (plus `extra`) with its own run dir outside the shared tree -> (path, RunConfig)."""
+
+    def __init__(self, root: Path, runs: Path, data):
+        self.root, self.runs, self.data = root, runs, data
+        self.collectives = root / "collectives"
+        self.hashes: dict = {}
+
+    def check_unchanged(self):
+        now = tree_hashes(self.root)
+        changed = sorted(k for k in self.hashes.keys() | now.keys() if self.hashes.get(k) != now.get(k))
+        assert not changed, f"a test modified the shared trained_2rank run (copy it first): {changed[:10]}"
+
+    def config(self, name, *extra, where=None):
+        from q0ds.config import load_config, save_config
+        from q0ds.presets import preset_config
+        where = where or self.runs
+        cfg = load_config(None, E2E_OVERRIDES + list(extra),
+                          base=preset_config("tiny", data=str(self.data), run_dir=str(where / name)))
+        save_config(cfg, where / f"{name}.json")
+        return where / f"{name}.json", cfg
+
+
+@pytest.fixture(scope="session")
+def trained_2rank(tmp_path_factory, embedded_data):
+    """One uninterrupted 2-rank ZeRO-3 run through the real `deepspeed` launcher, trained once per session and
+    read by every test that needs such a run's outputs; at session end its tree must be unchanged (a test
+    that wants to modify it copies it first)."""
+    t = Trained2Rank(tmp_path_factory.mktemp("trained-2rank"), tmp_path_factory.mktemp("e2e-runs"), embedded_data)
+    path, t.cfg = t.config("straight", where=t.root)
+    # every tensor reaching torch.distributed is logged per rank (engine._record_collectives)
+    run_launcher(path, 0, env={"Q0DS_RECORD_COLLECTIVES": str(t.collectives)})
+    t.path = path
+    t.hashes = tree_hashes(t.root)
+    yield t
+    t.check_unchanged()
+
+
+@pytest.fixture(scope="session")
+def trained_population(trained_2rank):
+    """`trained_2rank`'s run dir completed by `q0ds run --parallel 2 --baselines --ensemble-members 2`: base 0
+    is already done (done.json), so it trains base 1 and the single and 2-member ensemble baselines, then
+    writes prior.json, eval.json and the report. Returns the same object (cfg.run_dir is the population)."""
+    t = trained_2rank
+    t.check_unchanged()
+    p = run_cli("run", "--config", t.path, "--parallel", "2", "--baselines", "--ensemble-members", "2")
+    assert "report:" in p.stdout, p.stdout[-2000:]
+    t.hashes = tree_hashes(t.root)
+    return t
 
 
 def read_jsonl(path):

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import read_jsonl, run_launcher
 
-ROUNDS = 3
+ROUNDS = 1      # more kill + relaunch rounds, each relaunch required to exit 0: test_e2e_deepspeed's fault chain
+CRASH_AT = 2    # the cycle-0 end: snapshot, checkpoint and (distill.start_cycle=1) the teacher refresh
 
 
 @pytest.mark.slow
@@ -17,7 +18,7 @@ def test_kill_and_relaunch_always_exits_cleanly(make_config):
         path, cfg = make_config("schedule.cycles=2", "schedule.cycle_steps=2", "train.ckpt_every=1",
                                 "distill.start_cycle=1", "train.micro_batch=2", "train.global_batch=4",
                                 run=f"round{i}", name=f"round{i}.json")
-        killed = run_launcher(path, 0, env={"Q0DS_FAULT": f"crash_at_step={1 + i % 3}"}, check=False)
+        killed = run_launcher(path, 0, env={"Q0DS_FAULT": f"crash_at_step={CRASH_AT}"}, check=False)
         done = run_launcher(path, 0, check=False)
         again = run_launcher(path, 0, check=False) if i == ROUNDS - 1 else done   # a finished base: exit 0
         codes.append((killed.returncode, done.returncode, again.returncode))

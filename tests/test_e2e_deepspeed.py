@@ -1,7 +1,8 @@
 """End-to-end: the real `deepspeed` launcher, 2 CPU ranks, ZeRO-3, a tiny config over 4 cycles with chain
-distillation from cycle 2 and perturbation. Checks snapshots (HF-loadable, reproduce the logged val loss),
-the schedule in metrics.jsonl, the teacher refresh, and that pre-emption and a hard kill both resume to
-exactly the uninterrupted run. Never skipped in CI."""
+distillation from cycle 2 and perturbation (conftest.E2E_OVERRIDES; the uninterrupted run is the session's
+`trained_2rank`). Checks snapshots (HF-loadable, reproduce the logged val loss), the schedule in metrics.jsonl,
+the teacher refresh, and that pre-emption and hard kills (also under the two-node launch path and across
+world sizes) all resume to exactly the uninterrupted run. Never skipped in CI."""
 import json
 import os
 import socket
@@ -10,13 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import read_jsonl, run_launcher
-
-OVERRIDES = ["schedule.cycles=4", "schedule.cycle_steps=3", "distill.start_cycle=2", "train.ckpt_every=2",
-             "train.verify_teacher=true", "train.micro_batch=2", "train.global_batch=8", "train.small_batch=4",
-             "model.dropout=0.1"]      # residual dropout: exact resume then also needs each rank's generator
 
 
 def snapshot_hashes(run_dir):
@@ -28,27 +24,11 @@ def step_losses(run_dir):
     return [(r["step"], r["loss"], r["kl"]) for r in read_jsonl(Path(run_dir) / "bases/base-00/metrics.jsonl") if "event" not in r]
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, embedded_data):
-    from q0ds.config import load_config, save_config
-    from q0ds.presets import preset_config
-    root = tmp_path_factory.mktemp("e2e")
-
-    def config(name, *extra):
-        cfg = load_config(None, OVERRIDES + list(extra), base=preset_config("tiny", data=str(embedded_data), run_dir=str(root / name)))
-        save_config(cfg, root / f"{name}.json")
-        return root / f"{name}.json", cfg
-    path, cfg = config("straight")
-    # every tensor reaching torch.distributed is logged per rank (engine._record_collectives)
-    run_launcher(path, 0, env={"Q0DS_RECORD_COLLECTIVES": str(root / "collectives")})
-    return config, cfg
-
-
-def test_snapshots_load_and_reproduce_val_loss(straight):
+def test_snapshots_load_and_reproduce_val_loss(trained_2rank):
     from transformers import AutoModelForCausalLM
     from q0ds.data import PreparedData
     from q0ds.snapshot import token_logprobs, verify
-    _, cfg = straight
+    cfg = trained_2rank.cfg
     snaps = sorted(Path(cfg.run_dir).glob("bases/base-00/snapshots/cycle-*"))
     assert [s.name for s in snaps] == [f"cycle-{i:04d}" for i in range(4)]
     assert not list(Path(cfg.run_dir).glob("bases/base-00/snapshots/.tmp*"))
@@ -66,11 +46,10 @@ def test_snapshots_load_and_reproduce_val_loss(straight):
     assert losses[-1] < losses[0], f"val loss did not improve over cycles: {losses}"
 
 
-def test_collectives_use_the_engine_device(straight):
+def test_collectives_use_the_engine_device(trained_2rank):
     """Issue 12 section 1: q0ds's own collectives go through engine.py's helpers, with every tensor on the
     device the helper was told to use (the engine's), and the step costs exactly one q0ds all-reduce."""
-    _, cfg = straight
-    logs = sorted((Path(cfg.run_dir).parent / "collectives").glob("rank-*.jsonl"))
+    logs = sorted(trained_2rank.collectives.glob("rank-*.jsonl"))
     assert [p.name for p in logs] == ["rank-0.jsonl", "rank-1.jsonl"]
     for log in logs:
         recs = read_jsonl(log)
@@ -88,8 +67,8 @@ def test_collectives_use_the_engine_device(straight):
         assert calls.count("engine.py:all_gather_cat") == 8, "val + fitness scores gathered at each of 4 cycle ends"
 
 
-def test_metrics_show_sawtooth_wd_antiphase_and_distillation(straight):
-    _, cfg = straight
+def test_metrics_show_sawtooth_wd_antiphase_and_distillation(trained_2rank):
+    cfg = trained_2rank.cfg
     recs = read_jsonl(Path(cfg.run_dir) / "bases/base-00/metrics.jsonl")
     steps = [r for r in recs if "event" not in r]
     assert len(steps) == 12
@@ -109,47 +88,75 @@ def test_metrics_show_sawtooth_wd_antiphase_and_distillation(straight):
     assert [p["cycle"] for p in perturb] == [0, 1, 2] and perturb[0]["scale"] == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize("fault", ["preempt_at_step=7", "crash_at_step=8", "crash_in_snapshot=2",
-                                   "crash_in_checkpoint=8"])
-def test_interrupted_run_resumes_exactly(straight, fault):
-    config, cfg = straight
-    name = fault.split("=")[0]
-    path, other = config(name)
-    first = run_launcher(path, 0, env={"Q0DS_FAULT": fault}, check=False)
-    assert first.returncode != 0, "the interrupted launch should not report success"
-    if name == "preempt":
-        assert "pre-empted" in first.stdout + first.stderr
-    assert len(snapshot_hashes(other.run_dir)) < 4
-    assert not (Path(other.run_dir) / "bases/base-00/done.json").exists()
-    run_launcher(path, 0)                              # relaunch: resumes from the newest complete checkpoint
+# One run dir interrupted four times, each launch resuming the previous one's state (12 steps; snapshots and
+# checkpoints at the cycle ends 3, 6, 9, 12; checkpoints every 2 steps between):
+#   fault                   launch                what is left                  the next launch resumes at
+CHAIN = [("crash_in_checkpoint=8", "launcher",   "ckpt 8 written, not marked",  6),   # incomplete ckpt skipped
+         ("preempt_at_step=7",     "two nodes",  "ckpt 7, exit 75 on both",     7),   # the SLURM multi-node path
+         ("crash_at_step=8",       "launcher",   "ckpt 8 complete, SIGKILL",    8),
+         ("crash_in_snapshot=2",   "launcher",   "cycle-0002 half-written",     8),
+         (None,                    "two nodes",  "finished",                    None)]
+
+
+def test_interrupted_run_resumes_exactly(trained_2rank):
+    """Each fault interrupts the run (non-zero exit, no done.json, snapshots missing), the next launch resumes
+    from the newest complete checkpoint (the step is checked), and the finished run has bit-identical snapshots
+    and the same per-step losses as the uninterrupted `trained_2rank`. Two of the launches go through
+    slurm/q0_bases.sh --node-launch as two one-rank "nodes" (issue 15 item 6): they form one 2-rank job and
+    exit 75 on both nodes when pre-empted. Every finished launch must exit 0 (run_launcher / rcs)."""
+    cfg = trained_2rank.cfg
+    path, other = trained_2rank.config("chain")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    resume_at = None
+    for fault, how, _, next_step in CHAIN:
+        env = {"Q0DS_FAULT": fault} if fault else {}
+        if how == "two nodes":
+            rcs, log = _node_launches(path, port, env=env)
+            assert "nnodes=2" in log and "dist_world_size=2" in log, log
+            assert rcs == ([75, 75] if fault else [0, 0]), (fault, rcs, log)
+        else:
+            p = run_launcher(path, 0, env=env, check=False)
+            log = p.stdout + p.stderr
+            assert p.returncode != 0, f"{fault}: the interrupted launch should not report success"
+        if resume_at is not None:
+            assert f"(step {resume_at}/12)" in log, (fault, resume_at, log[-3000:])
+        if fault and fault.startswith("preempt"):
+            assert "pre-empted" in log, log[-3000:]
+        if fault:
+            assert len(snapshot_hashes(other.run_dir)) < 4, fault
+            assert not (Path(other.run_dir) / "bases/base-00/done.json").exists(), fault
+        resume_at = next_step
     assert snapshot_hashes(other.run_dir) == snapshot_hashes(cfg.run_dir)
     assert step_losses(other.run_dir) == step_losses(cfg.run_dir)
 
 
 @pytest.fixture(scope="module")
-def straight_no_dropout(straight):
+def straight_no_dropout(trained_2rank):
     """The uninterrupted 2-rank run without dropout: the reference for a change of world size, where dropout
     masks cannot continue (the set of ranks, hence of per-rank generators, changes)."""
-    config, _ = straight
-    path, cfg = config("straight-no-dropout", "model.dropout=0.0")
+    path, cfg = trained_2rank.config("straight-no-dropout", "model.dropout=0.0")
     run_launcher(path, 0)
     return cfg
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
-def test_resume_on_a_different_world_size(straight, straight_no_dropout, first, second):
-    """Pre-empted at step 4 on `first` ranks, resumed on `second` through DeepSpeed's universal checkpoint. The
-    schedule, batch sizes, epochs and teacher events continue exactly; losses stay within 1e-4 (nats) of the
-    uninterrupted 2-rank run: the reduction order changes with the world size, so bitwise identity is not
-    expected (measured differences are ~1e-6). Formats are unchanged. Without dropout: see straight_no_dropout."""
-    config, _ = straight
+def test_resume_on_a_different_world_size(trained_2rank, straight_no_dropout):
+    """Pre-empted at step 4 on 2 ranks, resumed on 1 and pre-empted at step 8, resumed on 2 to the end: each
+    change of world size goes through DeepSpeed's universal checkpoint. The schedule, batch sizes, epochs and
+    teacher events continue exactly; losses stay within 1e-4 (nats) of the uninterrupted 2-rank run: the
+    reduction order changes with the world size, so bitwise identity is not expected (measured differences are
+    ~1e-6). Formats are unchanged. Without dropout: see straight_no_dropout."""
     cfg = straight_no_dropout
-    path, other = config(f"world{first}to{second}", "model.dropout=0.0")
-    p = run_launcher(path, 0, ranks=first, env={"Q0DS_FAULT": "preempt_at_step=4"}, check=False)
+    path, other = trained_2rank.config("world2to1to2", "model.dropout=0.0")
+    p = run_launcher(path, 0, ranks=2, env={"Q0DS_FAULT": "preempt_at_step=4"}, check=False)
     assert p.returncode == 75, p.stderr[-3000:]
-    p = run_launcher(path, 0, ranks=second)
-    assert f"came from {first} ranks, this launch has {second}" in p.stdout
+    p = run_launcher(path, 0, ranks=1, env={"Q0DS_FAULT": "preempt_at_step=8"}, check=False)
+    assert p.returncode == 75, p.stderr[-3000:]
+    assert "came from 2 ranks, this launch has 1" in p.stdout and "(step 4/12)" in p.stdout, p.stdout[-3000:]
+    p = run_launcher(path, 0, ranks=2)
+    assert "came from 1 ranks, this launch has 2" in p.stdout and "(step 8/12)" in p.stdout, p.stdout[-3000:]
     ref = read_jsonl(Path(cfg.run_dir) / "bases/base-00/metrics.jsonl")
     got = read_jsonl(Path(other.run_dir) / "bases/base-00/metrics.jsonl")
     assert [sorted(r) for r in got] == [sorted(r) for r in ref], "metrics.jsonl records differ in form"
@@ -195,23 +202,3 @@ def _node_launches(path, port, env=None, timeout=900):
         procs.append(subprocess.Popen(cmd, cwd=root, env=e, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     return [p.returncode for p in procs], "\n".join(f"--- node {i}\n{o[-3000:]}" for i, o in enumerate(outs))
-
-
-@pytest.mark.slow
-def test_two_node_launches_form_one_job_and_match_single_launcher(straight):
-    """Item 6 of issue 15: the multi-node path of the SLURM script, on one machine. Two node launches form
-    one 2-rank ZeRO-3 job (dist_world_size=2), are pre-empted after a cycle end (exit 75 on both nodes),
-    resume, and give bit-identical snapshots to the 2-rank single-launcher run."""
-    config, cfg = straight
-    path, other = config("two-nodes")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    rcs, log = _node_launches(path, port, env={"Q0DS_FAULT": "preempt_at_step=7"})
-    assert rcs == [75, 75], log
-    assert "nnodes=2" in log and "dist_world_size=2" in log and "pre-empted" in log, log
-    assert 0 < len(snapshot_hashes(other.run_dir)) < 4, log
-    rcs, log = _node_launches(path, port)
-    assert rcs == [0, 0], log
-    assert snapshot_hashes(other.run_dir) == snapshot_hashes(cfg.run_dir), log
-    assert step_losses(other.run_dir) == step_losses(cfg.run_dir)

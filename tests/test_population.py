@@ -1,5 +1,6 @@
-"""A tiny `q0ds run` with 2 bases and both baselines, end to end through the deepspeed launcher; then the
-prior, the top-K mixture (checked against a direct computation from the loaded models), report and generate."""
+"""A tiny `q0ds run` with 2 bases and both baselines, end to end through the deepspeed launcher (conftest's
+trained_population: the session's shared run, completed by `q0ds run`); then the prior, the top-K mixture
+(checked against a direct computation from the loaded models), report and generate."""
 import json
 import shutil
 from pathlib import Path
@@ -13,29 +14,22 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, embedded_data):
-    from q0ds.config import load_config, save_config
-    from q0ds.presets import preset_config
-    root = tmp_path_factory.mktemp("pop")
-    cfg = load_config(None, ["bases=2", "schedule.cycles=3", "schedule.cycle_steps=3", "distill.start_cycle=1"],
-                      base=preset_config("tiny", data=str(embedded_data), run_dir=str(root / "run")))
-    save_config(cfg, root / "tiny.json")
-    p = run_cli("run", "--config", root / "tiny.json", "--parallel", "2", "--baselines", "--ensemble-members", "2",
-                env={"Q0DS_NO_PROGRESS": "1"})
-    assert "report:" in p.stdout
-    return Path(cfg.run_dir), cfg
+def run(trained_population):
+    """The session's trained run with 2 bases (base 0 on 2 ranks), both baselines, prior, eval and report."""
+    return Path(trained_population.cfg.run_dir), trained_population.cfg
 
 
 def test_run_produces_population_prior_eval_and_report(run):
     run_dir, cfg = run
     prior = json.loads((run_dir / "prior.json").read_text())
-    assert len(prior["members"]) == 6 and {m.split("/")[0] for m in prior["members"]} == {"base-00", "base-01"}
+    assert len(prior["members"]) == 8 and {m.split("/")[0] for m in prior["members"]} == {"base-00", "base-01"}
     assert sum(prior["weights"]) == pytest.approx(1.0)
     assert prior["fit_loss"] <= min(prior["baselines"]["uniform"], prior["baselines"]["best_single"]) + 1e-9
     ev = json.loads((run_dir / "eval.json").read_text())
-    assert [r["k"] for r in ev["topk"]] == [1, 2, 4, 6]
+    assert [r["k"] for r in ev["topk"]] == [1, 2, 4, 8]
     assert set(ev["baselines"]) == {"single", "ensemble"} and ev["baselines"]["ensemble"]["members"] == 2
-    assert ev["epochs_spent"] == pytest.approx(2 * 9 * cfg.train.global_batch / _windows(cfg))
+    # 2 bases x 4 cycles of 3 steps at batch 4, 8, 8, 4 (the block-triangular schedule: small_batch=4)
+    assert ev["epochs_spent"] == pytest.approx(2 * 3 * (4 + 8 + 8 + 4) / _windows(cfg))
     rep = json.loads((run_dir / "report.json").read_text())
     assert {"plots/val_vs_epochs.png", "plots/val_vs_k.png", "plots/prior_weights.png", "plots/schedule.png"} <= set(rep["plots"])
     for p in rep["plots"]:
@@ -73,8 +67,8 @@ def test_generate_and_k_errors(run):
     run_dir, _ = run
     p = run_cli("generate", "--run", run_dir, "--k", "2", "--prompt", "The import statement", "--max-new-tokens", "8")
     assert p.stdout.startswith("The import statement")
-    p = run_cli("eval", "--run", run_dir, "--k", "1,7", check=False)
-    assert p.returncode == 2 and "larger than the population (6 members)" in p.stderr
+    p = run_cli("eval", "--run", run_dir, "--k", "1,9", check=False)
+    assert p.returncode == 2 and "larger than the population (8 members)" in p.stderr
 
 
 def test_corrupt_snapshot_is_refused_and_nothing_changes(run, tmp_path):
