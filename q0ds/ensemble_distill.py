@@ -163,14 +163,20 @@ def check_spec(out: Path, spec: dict, write: bool):
 
 # ---------------------------------------------------------------- the teacher
 class MixtureTeacher:
-    """The K members as frozen ZeRO-3 inference engines, at most `slots` resident; member logits are yielded
-    one at a time, always in member order (so any slot count gives bitwise the same mixture)."""
+    """The K members as frozen inference teachers, at most `slots` resident; member logits are yielded one at a
+    time, always in member order (so any slot count gives bitwise the same mixture). mode "zero3": ZeRO-3
+    inference engines (a slot's weights re-gathered on every forward); "replicated": plain whole modules on
+    every rank (engine.make_replicated_teacher: no gathers, each rank loads a member from its file itself)."""
 
-    def __init__(self, snaps, model_config, ds_cfg: dict, slots: int, seed: int):
+    def __init__(self, snaps, model_config, ds_cfg: dict, slots: int, seed: int, mode: str = "zero3", student=None):
         self.snaps = list(snaps)
-        # partitioned at construction, no random init: every slot is overwritten from a snapshot (issue 12, 5)
-        self.engines = [E.make_teacher(E.build_partitioned(model_config, seed, ds_cfg, init=False), ds_cfg)
-                        for _ in range(min(slots, len(self.snaps)))]
+        self.mode = mode
+        n = min(slots, len(self.snaps))
+        if mode == "replicated":
+            self.engines = [E.make_replicated_teacher(model_config, student) for _ in range(n)]
+        else:   # partitioned at construction, no random init: every slot is overwritten from a snapshot (issue 12, 5)
+            self.engines = [E.make_teacher(E.build_partitioned(model_config, seed, ds_cfg, init=False), ds_cfg)
+                            for _ in range(n)]
         self.loaded = [None] * len(self.engines)
         self.loads = 0
         if E.rank() == 0:
@@ -182,8 +188,11 @@ class MixtureTeacher:
 
     def _load(self, slot: int, member: int):
         from safetensors.torch import load_file
-        sd = load_file(self.snaps[member] / "model.safetensors") if E.rank() == 0 else None
-        E.load_weights_inplace(self.engines[slot], sd)
+        if self.mode == "replicated":             # every rank reads the file: no collective
+            E.load_replica_(self.engines[slot], load_file(self.snaps[member] / "model.safetensors"))
+        else:
+            sd = load_file(self.snaps[member] / "model.safetensors") if E.rank() == 0 else None
+            E.load_weights_inplace(self.engines[slot], sd)
         self.loaded[slot] = member
         self.loads += 1
 
@@ -213,7 +222,8 @@ class EnsembleDistillTrainer(BaseTrainer):
                               f"({teacher_config.vocab_size}); the KL is taken token by token")
         ds = E.student_ds_config(E.load_ds_config(cfg.ds_config), cfg, self.world)
         rng = _rng_state()                        # building teachers must not move the training generators
-        self.mixture = MixtureTeacher(snaps, teacher_config, ds, opts["max_engines"], self.seed)
+        mode = self._choose_teacher_mode(replicas=min(opts["max_engines"], len(snaps)))
+        self.mixture = MixtureTeacher(snaps, teacher_config, ds, opts["max_engines"], self.seed, mode, self.student)
         _set_rng_state(rng)
         self.weights = torch.tensor(spec["weights"], dtype=torch.float64)
 

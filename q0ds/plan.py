@@ -463,20 +463,25 @@ def time_plan(model="1.8b", gpus=8, tokens_per_step=524288, gpu="h100", mfu=0.4,
 
 
 def teacher_choice(model="1.8b", gpus=8, micro_batch=4, seq_len=2048, optimizer="muon", gpu_mem_gb=80,
-                   checkpointing=False, mode="auto", **kw) -> dict:
+                   checkpointing=False, mode="auto", replicas=1, **kw) -> dict:
     """The teacher the trainer builds (distill.teacher_mode): `mode` itself unless "auto"; auto is "replicated"
-    when memory_plan with a full bf16 teacher replica per GPU fits `gpu_mem_gb` (reserve included), else
-    "zero3". Returns {mode, requested, replicated_total_bytes, zero3_total_bytes, replica_extra_bytes, fits_*}."""
+    when memory_plan with `replicas` full bf16 teacher replicas per GPU fits `gpu_mem_gb` (reserve included),
+    else "zero3" (replicas > 1: the resident members of `q0ds distill-ensemble`, one extra replica's memory
+    each). Returns {mode, requested, replicas, replicated_total_bytes, zero3_total_bytes, replica_extra_bytes,
+    fits_*}."""
     if mode not in TEACHER_MODES:
         raise ValueError(f"distill.teacher_mode must be one of {', '.join(TEACHER_MODES)}, got {mode!r}")
     plans = {m: memory_plan(model, gpus, micro_batch, seq_len, optimizer, True, gpu_mem_gb, checkpointing,
                             deepspeed_check=False, teacher_mode=m, **kw) for m in ("replicated", "zero3")}
-    chosen = mode if mode != "auto" else ("replicated" if plans["replicated"]["fits"] else "zero3")
-    return {"mode": chosen, "requested": mode,
-            "replicated_total_bytes": plans["replicated"]["total_bytes"],
+    extra = plans["replicated"]["total_bytes"] - plans["zero3"]["total_bytes"]
+    replicated_total = plans["replicated"]["total_bytes"] + (replicas - 1) * extra
+    fits_replicated = replicated_total <= gpu_mem_gb * GB
+    chosen = mode if mode != "auto" else ("replicated" if fits_replicated else "zero3")
+    return {"mode": chosen, "requested": mode, "replicas": replicas,
+            "replicated_total_bytes": replicated_total,
             "zero3_total_bytes": plans["zero3"]["total_bytes"],
-            "replica_extra_bytes": plans["replicated"]["total_bytes"] - plans["zero3"]["total_bytes"],
-            "fits_replicated": plans["replicated"]["fits"], "fits_zero3": plans["zero3"]["fits"],
+            "replica_extra_bytes": extra,
+            "fits_replicated": fits_replicated, "fits_zero3": plans["zero3"]["fits"],
             "gpu_mem_bytes": int(gpu_mem_gb * GB)}
 
 

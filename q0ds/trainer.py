@@ -260,9 +260,10 @@ class BaseTrainer:
         self._last_checkpoint = None
         self.monitor = None          # rank 0: metrics.jsonl + TensorBoard/W&B (q0ds/monitor.py), opened after resume
 
-    def _choose_teacher_mode(self) -> str:
+    def _choose_teacher_mode(self, replicas: int = 1) -> str:
         """distill.teacher_mode, auto resolved by q0ds.plan.teacher_choice for this model, world size, micro batch
-        and the smallest GPU of the job (one all-reduce). On CPU auto is zero3: the plan is a GPU memory plan."""
+        and the smallest GPU of the job (one all-reduce), with `replicas` resident teachers (distill-ensemble: its
+        resident members). On CPU auto is zero3: the plan is a GPU memory plan."""
         mode = self.cfg.distill.teacher_mode
         if mode != "auto" or not torch.cuda.is_available():
             chosen = "zero3" if mode == "auto" else mode
@@ -278,9 +279,10 @@ class BaseTrainer:
         mem = E.all_reduce_(mem, self.student.device, "min").item()
         ch = teacher_choice(arch, gpus=self.world, micro_batch=t.micro_batch, seq_len=t.seq_len,
                             optimizer=self.cfg.optim.name, gpu_mem_gb=mem / 1e9,
-                            checkpointing=t.activation_checkpointing)
+                            checkpointing=t.activation_checkpointing, replicas=replicas)
         self._print(f"teacher: {ch['mode']} (auto: q0ds plan --memory puts {ch['replicated_total_bytes'] / 1e9:.1f} GB "
-                    f"per GPU with a replica, {ch['zero3_total_bytes'] / 1e9:.1f} GB without, of {mem / 1e9:.1f} GB)")
+                    f"per GPU with {replicas} replica(s), {ch['zero3_total_bytes'] / 1e9:.1f} GB without, of "
+                    f"{mem / 1e9:.1f} GB)")
         return ch["mode"]
 
     # ------------------------------------------------------------ the loop

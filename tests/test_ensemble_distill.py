@@ -173,13 +173,18 @@ def test_mixture_teacher_resident_or_swapped_gives_the_members_logits(population
     ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = [AutoModelForCausalLM.from_pretrained(s).eval()(input_ids=ids).logits for s in snaps]
-    for slots, loads_after in ((2, 2), (1, 4)):          # swapped: m0 at start, then m1, m0, m1
-        teacher = MixtureTeacher(snaps, mc, ds, slots, seed=0)
-        for _ in range(2):
-            got = list(teacher.member_logits(ids))
-            assert len(got) == 2 and all(torch.equal(g, r) for g, r in zip(got, ref))
-        assert teacher.loads == loads_after
-        assert torch.is_grad_enabled()               # the generator left no_grad behind it
+    import deepspeed
+    from q0ds.model import build_model
+    student, _ = E.make_student(build_model(mc, 1), ds, cfg.optim, lambda s: (0.0, 0.0))   # replicas copy its buffers
+    for mode in ("zero3", "replicated"):
+        for slots, loads_after in ((2, 2), (1, 4)):      # swapped: m0 at start, then m1, m0, m1
+            teacher = MixtureTeacher(snaps, mc, ds, slots, seed=0, mode=mode, student=student)
+            assert all(isinstance(e, deepspeed.DeepSpeedEngine) == (mode == "zero3") for e in teacher.engines)
+            for _ in range(2):
+                got = list(teacher.member_logits(ids))
+                assert len(got) == 2 and all(torch.equal(g, r) for g, r in zip(got, ref)), (mode, slots)
+            assert teacher.loads == loads_after
+            assert torch.is_grad_enabled()           # the generator left no_grad behind it
 
 
 def test_student_init_from_a_snapshot_lands_in_the_fp32_master(population, in_process):

@@ -334,3 +334,15 @@ def test_plan_memory_cli_shows_teacher_choice_and_traffic():
     assert "recommended: micro_batch 8, activation checkpointing off -> 4 micro-steps/step" in out
     z = run_cli("plan", "--memory", "--teacher-mode", "zero3").stdout
     assert "Teacher (distill.teacher_mode): zero3 (requested zero3)" in z
+
+
+def test_teacher_choice_counts_each_resident_replica():
+    """distill-ensemble keeps up to max_engines members resident: each replica adds one teacher's memory."""
+    from q0ds.plan import teacher_choice
+    one = teacher_choice("1.8b", gpus=8, micro_batch=4, gpu_mem_gb=80)
+    two = teacher_choice("1.8b", gpus=8, micro_batch=4, gpu_mem_gb=80, replicas=2)
+    assert one["mode"] == "replicated" and one["replicas"] == 1
+    assert two["replicated_total_bytes"] == one["replicated_total_bytes"] + one["replica_extra_bytes"]
+    many = teacher_choice("1.8b", gpus=8, micro_batch=4, gpu_mem_gb=80, replicas=64)
+    assert many["mode"] == "zero3" and not many["fits_replicated"]
+    assert many["zero3_total_bytes"] == one["zero3_total_bytes"]
