@@ -124,7 +124,7 @@ class DistillConfig:
     temperature: float = 1.2
     # auto: a plain bf16 replica of the teacher on every GPU when `q0ds plan --memory` says it fits (no gathers
     # per micro-step), else a ZeRO-3 teacher engine (today's path; always on CPU); replicated | zero3 force one
-    teacher_mode: str = "auto"  # auto: a plain replica per GPU if `q0ds plan --memory` fits it, else ZeRO-3 (always on CPU); replicated, zero3
+    teacher_mode: str = "auto"  # auto: plain replicas per GPU (the chain teacher, or distill-ensemble's resident members) if `q0ds plan --memory` fits them, else ZeRO-3 (always on CPU); replicated, zero3
 
     def check(self):
         _require(self.teacher_mode in ("auto", "replicated", "zero3"), "distill.teacher_mode",
