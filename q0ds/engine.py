@@ -178,11 +178,16 @@ def barrier():
         dist.barrier()
 
 
+HELPERS = ("engine.py:all_reduce_", "engine.py:all_gather_cat", "engine.py:broadcast_")
+
+
 def _record_collectives(out_dir: str):
     """Test hook: wrap torch.distributed's collectives in this process and append one JSON line per call to
     OUT_DIR/rank-R.jsonl: the collective, the device of every tensor passed, `caller` = the q0ds function that
     called torch.distributed itself (None when DeepSpeed did, e.g. ZeRO-3 gathers during a forward), the
-    device the q0ds helper was told to use, and `within` = the innermost q0ds frame on the stack."""
+    device the q0ds helper was told to use, `within` = the innermost q0ds frame on the stack, and `via` = the
+    innermost q0ds frame outside the helpers (who asked for the collective: a step, a score gather, an
+    agreement point)."""
     import json
     import traceback
     d = torch.distributed
@@ -200,10 +205,13 @@ def _record_collectives(out_dir: str):
             ours = [f for f in frames if Path(f.filename).resolve().parent == here]
             caller = f"{Path(direct.filename).name}:{direct.name}" \
                 if Path(direct.filename).resolve().parent == here else None
-            helper = caller in ("engine.py:all_reduce_", "engine.py:all_gather_cat", "engine.py:broadcast_")
+            helper = caller in HELPERS
+            via = [f"{Path(f.filename).name}:{f.name}" for f in ours]
+            via = [v for v in via if v not in HELPERS]
             with open(path, "a") as f:
                 f.write(json.dumps({"op": name, "devices": [str(x.device) for x in tensors], "caller": caller,
                                     "within": f"{Path(ours[-1].filename).name}:{ours[-1].name}" if ours else None,
+                                    "via": via[-1] if via else None,
                                     "expected": _EXPECTED["device"] if helper else None}) + "\n")
             return fn(*args, **kwargs)
         return recorded

@@ -62,9 +62,17 @@ def test_collectives_use_the_engine_device(trained_2rank):
         assert helpers and all(r["expected"] == "cpu" for r in helpers)
         wrong = [r for r in helpers if any(d != r["expected"] for d in r["devices"])]
         assert not wrong, f"tensors not on the helper's device: {wrong[:3]}"
-        calls = [r["caller"] for r in helpers]
-        assert calls.count("engine.py:all_reduce_") == 12, "one q0ds all-reduce per step (loss, NaN and stop flag)"
-        assert calls.count("engine.py:all_gather_cat") == 8, "val + fitness scores gathered at each of 4 cycle ends"
+        calls = [(r["caller"], r["via"]) for r in helpers]
+        assert calls.count(("engine.py:all_reduce_", "trainer.py:_train_step")) == 12, \
+            "one q0ds all-reduce per step (loss, NaN and stop flag)"
+        gathers = [v for c, v in calls if c == "engine.py:all_gather_cat" and v != "engine.py:agree_error"]
+        assert len(gathers) == 8 and all(v.startswith("snapshot.py:") for v in gathers), \
+            "val + fitness scores gathered at each of 4 cycle ends"
+        other = {c for c in calls if c[1] not in ("trainer.py:_train_step", "engine.py:agree_error")
+                 and not c[1].startswith("snapshot.py:")}
+        assert not other, f"unexpected q0ds collectives: {other}"
+        # agreement points (engine.agree_error: start-up, resume, cycle ends, checkpoints): all_gather only
+        assert {c for c, v in calls if v == "engine.py:agree_error"} == {"engine.py:all_gather_cat"}
 
 
 def test_metrics_show_sawtooth_wd_antiphase_and_distillation(trained_2rank):
