@@ -65,8 +65,9 @@ def test_train_without_tensorboard_every_rank(make_config, tmp_path):
     assert p.returncode != 0, p.stderr[-3000:]
     out = p.stdout + p.stderr
     assert "Traceback" not in out, out[-3000:]
-    lines = [l for l in out.splitlines() if l.startswith("q0ds train (rank ")]
-    assert sorted(l.split(")")[0] for l in lines) == ["q0ds train (rank 0", "q0ds train (rank 1"], out[-3000:]
-    for l in lines:
-        assert "): error: monitor.tensorboard=true needs `pip install q0ds[monitor]`" in l, out[-3000:]
+    # the launcher relays both ranks' stderr; two ranks' lines can land on one output line, so search, not split
+    import re
+    ranks = re.findall(r"q0ds train \(rank (\d)\): error: monitor\.tensorboard=true needs `pip install q0ds\[monitor\]`",
+                       out)
+    assert sorted(ranks) == ["0", "1"], out[-3000:]
     assert not (Path(cfg.run_dir) / "bases").exists()
