@@ -35,7 +35,8 @@ install_requires = [
 extras_require = {
     "monitor": ["tensorboard>=2.15", "wandb>=0.30"],
     # lm_eval_adapter subclasses lm-eval's TemplateLM and uses lm_eval.models.utils helpers: same minor series.
-    "eval": ["lm_eval>=0.4.13,<0.5"],
+    # accelerate: lm_eval.models.huggingface imports it at module level (lm_eval does not declare it)
+    "eval": ["lm_eval>=0.4.13,<0.5", "accelerate>=1.0"],
     # Reading text/JSONL/Parquet input with `q0ds prepare --input` (data.py); --embedded needs nothing extra.
     "data": ["datasets>=4.0"],
 }
