@@ -223,10 +223,15 @@ shopt -s nullglob
 SNAPS=("$BASE_DIR"/snapshots/cycle-*/)
 NSNAP=${#SNAPS[@]}
 shopt -u nullglob
+# the newest complete checkpoint: the trainer marks one with q0ds_complete.json once every rank wrote it
+LATEST=""
+shopt -s nullglob
+for marker in "$BASE_DIR"/checkpoints/step-*/q0ds_complete.json; do LATEST=$(basename "$(dirname "$marker")"); done
+shopt -u nullglob
 if [[ -f $BASE_DIR/done.json ]]; then
     RESUME="base already complete ($NSNAP snapshots)"
-elif [[ -f $BASE_DIR/checkpoints/latest ]]; then
-    RESUME="resuming from checkpoint $(cat "$BASE_DIR/checkpoints/latest") ($NSNAP snapshots so far)"
+elif [[ -n $LATEST ]]; then
+    RESUME="resuming from checkpoint $LATEST ($NSNAP snapshots so far)"
 elif [[ -d $BASE_DIR/checkpoints ]]; then
     RESUME="checkpoint dir exists ($NSNAP snapshots so far); the trainer picks the newest complete one"
 else
