@@ -24,7 +24,6 @@ between slide_keep and seq_len tokens, and pays one prefill every seq_len - slid
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .devices import inference_dtype, resolve_device
+from .distill import mixture_logp
 from .snapshot import SnapshotError, load_tokenizer, member_id, sha256_file, verify
 
 FORMAT, FORMAT_VERSION = "q0ds-mixture", 1
@@ -75,7 +75,7 @@ class MixtureLM:
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
         # zero-weight members contribute nothing: they are loaded (the API lists them) but never run
         self.last_stats = {}                            # of the last generate_ids: prompts, new_tokens, seconds
-        self._active = [(m, math.log(float(wi))) for m, wi in zip(self.models, self.weights) if wi > 0]
+        self._active = [(m, float(wi)) for m, wi in zip(self.models, self.weights) if wi > 0]   # (member, weight)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -110,12 +110,9 @@ class MixtureLM:
 
     # ------------------------------------------------------------ scoring (no cache)
     def _mix(self, logits_per_member) -> torch.Tensor:
-        """log sum_i w_i softmax(z_i), float32, from an iterable of [..., vocab] logits in member order."""
-        out = None
-        for z, log_w in logits_per_member:
-            lp = torch.log_softmax(z.float(), -1) + log_w
-            out = lp if out is None else torch.logaddexp(out, lp)
-        return out
+        """log sum_i w_i softmax(z_i), float32, from the active members' [..., vocab] logits in member order, one
+        alive at a time (distill.mixture_logp: the same mixture the ensemble distillation trains against)."""
+        return mixture_logp(logits_per_member, [w for _, w in self._active], 1.0)
 
     @torch.inference_mode()
     def logprobs(self, input_ids, attention_mask=None) -> torch.Tensor:
@@ -126,7 +123,7 @@ class MixtureLM:
         if attention_mask is not None:
             mask = torch.as_tensor(attention_mask, device=self.device)
             kw = dict(attention_mask=mask, position_ids=_positions(mask))
-        return self._mix((m(input_ids=ids, **kw).logits, lw) for m, lw in self._active)
+        return self._mix(m(input_ids=ids, **kw).logits for m, _ in self._active)
 
     def next_token_logprobs(self, input_ids) -> torch.Tensor:
         """[batch, vocab] for a [batch, seq] tensor, or for a list of token lists of any lengths (left-padded)."""
@@ -182,9 +179,9 @@ class MixtureLM:
                 ids = pending[:, None]
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
                 pos = pos[:, -1:] + 1
-            lp = self._mix((m(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=c,
-                              use_cache=True, logits_to_keep=1).logits[:, -1], lw)
-                           for (m, lw), c in zip(self._active, caches)).cpu()
+            lp = self._mix(m(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=c,
+                             use_cache=True, logits_to_keep=1).logits[:, -1]
+                           for (m, _), c in zip(self._active, caches)).cpu()
             if temperature <= 0:
                 nxt = lp.argmax(-1)
             else:
