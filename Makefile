@@ -45,8 +45,12 @@ demo-results: demo
 
 # The suite minus the air-gapped install round trip (a wheelhouse download and a fresh venv: minutes of network
 # and pip, nothing about q0ds' own code); .ci/run runs that right after, as `make test-wheelhouse`.
+# Two pytest-xdist workers (tests/conftest.py groups the tests into per-file units, longest first): a 2-core
+# machine sits half idle while one process imports torch or waits on a launcher. PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
+XDIST := $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not wheelhouse" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) -m "not wheelhouse" $(PYTEST_ARGS)
 
 test-wheelhouse: $(STAMP)
 	$(BIN)/python -m pytest -q -m wheelhouse $(PYTEST_ARGS)

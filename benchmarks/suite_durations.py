@@ -63,8 +63,15 @@ def run_pytest(files, root: Path, xml: Path, extra=()) -> tuple[int, list[float]
     return code, samples
 
 
+def suite_wall_s(path) -> float | None:
+    """The whole run's wall time from a junit XML (the testsuite's `time`), None if absent."""
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    return None if suite is None or suite.get("time") is None else round(float(suite.get("time")), 1)
+
+
 def merge(label: str, results: dict, load, source: str, out: Path = OUT, rows: dict | None = None,
-          runs: list | None = None) -> dict:
+          runs: list | None = None, extra: dict | None = None) -> dict:
     """Merge one side's results (or, with `rows`/`runs`, another results file's) into `out`; refresh the totals."""
     doc = json.loads(out.read_text()) if out.is_file() else {"tests": {}, "files": {}, "runs": []}
     for tid, r in results.items():
@@ -88,7 +95,7 @@ def merge(label: str, results: dict, load, source: str, out: Path = OUT, rows: d
         doc["runs"].extend(runs)
     else:
         doc["runs"].append({"label": label, "source": source, "tests": len(results), "load": load,
-                            "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                            "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     return doc
@@ -105,6 +112,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("parse", help="record the durations of an existing junit XML")
     p.add_argument("--label", choices=("before", "after"), required=True)
     p.add_argument("--load", type=float, default=None, help="the load average of that run, if known")
+    p.add_argument("--workers", type=int, default=0, help="pytest-xdist workers of that run (0: one process)")
+    p.add_argument("--note", default="", help="what was measured (commit, machine state)")
     p.add_argument("xml")
     j = sub.add_parser("merge", help="merge other results files (e.g. sides measured at the same time) into --out")
     j.add_argument("files", nargs="+")
@@ -119,7 +128,8 @@ def main(argv=None) -> int:
         return 0
     if a.cmd == "parse":
         res = parse_junit(a.xml)
-        merge(a.label, res, a.load, a.xml, Path(a.out))
+        merge(a.label, res, a.load, a.xml, Path(a.out),
+              extra={"wall_s": suite_wall_s(a.xml), "workers": a.workers, "note": a.note})
         print(f"{len(res)} tests from {a.xml} -> {a.out}")
         return 0
     root = Path(a.root).resolve()

@@ -162,12 +162,13 @@ def agree_error(error: BaseException | None, device=None) -> None:
     failed = [r for r in range(rows.shape[0]) if rows[r, 0]]
     if not failed:
         return
-    if error is not None:
-        raise error
     name, _, msg = bytes(rows[failed[0], 1:].tolist()).rstrip(b"\0").decode(errors="replace").partition("\n")
     from .errors import user_errors
     by_name = {t.__name__: t for t in user_errors()}
-    if name in by_name:
+    if error is not None and (failed[0] == torch.distributed.get_rank()
+                              or not (name in by_name and isinstance(error, user_errors()))):
+        raise error                  # the first failing rank's own, or a bug: keep this rank's traceback
+    if name in by_name:              # every rank alike, also when several hit the same user error (a full disk)
         raise by_name[name](msg)
     raise RankFailed(f"rank {failed[0]} failed ({name}: {msg}); see its output above")
 

@@ -16,6 +16,40 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 import pytest  # noqa: E402
 
 
+# ---------------------------------------------------------------- parallel runs (make test: pytest-xdist)
+# `make test` runs 2 workers with --dist loadgroup: each test file is one unit of work for one worker (its
+# module fixtures run once), the files that read the shared trained run are one unit (it is trained once), and
+# the units start longest first, by the per-file times measured in benchmarks/results/suite_durations.json
+# (benchmarks/suite_durations.py), so that the two workers finish together.
+SHARED_RUN_FILES = ("test_e2e_deepspeed.py", "test_population.py")
+DURATIONS = ROOT / "benchmarks" / "results" / "suite_durations.json"
+
+
+def work_unit(path) -> str:
+    return "trained_2rank" if path.name in SHARED_RUN_FILES else path.name
+
+
+def unit_seconds() -> dict:
+    """Measured seconds per work unit (sum of its files' latest totals); {} when there is no record."""
+    try:
+        files = json.loads(DURATIONS.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    out: dict = {}
+    for name, t in files.items():
+        s = t.get("after_s") or t.get("before_s") or 0.0
+        unit = work_unit(Path(name))
+        out[unit] = out.get(unit, 0.0) + s
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    seconds = unit_seconds()
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(work_unit(item.path)))
+    items.sort(key=lambda it: -seconds.get(work_unit(it.path), 0.0))      # stable: file order kept within a unit
+
+
 @pytest.fixture(scope="session")
 def embedded_data(tmp_path_factory):
     from q0ds.data import prepare

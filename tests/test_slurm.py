@@ -44,8 +44,8 @@ def slurm_cluster():
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("slurm-data") / "embedded"
-    # the whole corpus (~200 tiny steps per cycle): the pre-emption tests need a base that is still training
-    # a few seconds after its first 10 steps; the submit test sets schedule.cycle_steps instead
+    # the whole corpus (~200 tiny steps per cycle): the scancel test needs a base that is still training a few
+    # seconds after its first steps; the pre-emption and submit tests set schedule.cycle_steps
     su.cli("prepare", "--embedded", "--out", out)
     return out
 
@@ -153,7 +153,8 @@ def test_usr1_preemption_requeues_and_resumes_exactly(slurm_cluster, tiny_data, 
     """SIGUSR1 to the batch shell (what --signal=B:USR1@300 does before the time limit): the trainer
     checkpoints and exits 75, the script requeues the task, the rerun resumes, and the snapshots are
     bit-identical to an undisturbed run of the same command."""
-    config, run_dir = su.make_tiny_config(tiny_data, tmp_path, "bases=1", "schedule.cycles=2")
+    # 2 cycles of 60 steps (the whole corpus would be ~200 per cycle): ~110 steps left after the 10 it waits for
+    config, run_dir = su.make_tiny_config(tiny_data, tmp_path, "bases=1", "schedule.cycles=2", "schedule.cycle_steps=60")
     ref_dir = tmp_path / "reference-run"
     (ref_dir / "logs").mkdir(parents=True)
     env = su.job_env(Q0DS_GPUS_PER_NODE=ranks, Q0DS_USE_SRUN=int(launch == "srun"), Q0DS_RESEND_SECONDS=10)
