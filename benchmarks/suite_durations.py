@@ -6,7 +6,8 @@
     # two sides measured at the same time write separate files (--out), then
     python benchmarks/suite_durations.py merge /tmp/before.json /tmp/after.json
     # or record an existing junit XML (e.g. of a full idle `make test PYTEST_ARGS=--junitxml=suite.xml`)
-    python benchmarks/suite_durations.py parse --label after suite.xml
+    python benchmarks/suite_durations.py parse --label after --workers 2 suite.xml
+    python benchmarks/suite_durations.py table          # the runs' wall times and the slowest files, markdown
 
 Each call merges into benchmarks/results/suite_durations.json: per test id `before_s`, `after_s` (junit
 `time`: setup + call + teardown, so a shared fixture's cost lands on the first test that uses it) and `load`
@@ -101,6 +102,21 @@ def merge(label: str, results: dict, load, source: str, out: Path = OUT, rows: d
     return doc
 
 
+def table(doc: dict, top: int = 15) -> str:
+    """Markdown: the runs (wall time, workers) and the `top` files by their before-time, before and after."""
+    lines = ["| run | workers | tests | wall | note |", "|---|---|---|---|---|"]
+    for r in doc["runs"]:
+        if r.get("wall_s"):
+            lines.append(f"| {r['label']} | {r.get('workers', 0) or 1} | {r['tests']} | "
+                         f"{r['wall_s'] / 60:.1f} min | {r.get('note', '')} |")
+    lines += ["", "| file | before (s) | after (s) |", "|---|---|---|"]
+    files = sorted(doc["files"].items(), key=lambda kv: -(kv[1].get("before_s") or 0))
+    for name, t in files[:top]:
+        fmt = lambda v: "" if v is None else f"{v:.0f}"
+        lines.append(f"| `{name}` | {fmt(t.get('before_s'))} | {fmt(t.get('after_s'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -115,11 +131,15 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0, help="pytest-xdist workers of that run (0: one process)")
     p.add_argument("--note", default="", help="what was measured (commit, machine state)")
     p.add_argument("xml")
+    sub.add_parser("table", help="print the runs and the slowest files as markdown")
     j = sub.add_parser("merge", help="merge other results files (e.g. sides measured at the same time) into --out")
     j.add_argument("files", nargs="+")
-    for s in (m, p, j):
+    for s in (m, p, j, sub.choices["table"]):
         s.add_argument("--out", default=str(OUT))
     a = ap.parse_args(argv)
+    if a.cmd == "table":
+        print(table(json.loads(Path(a.out).read_text())), end="")
+        return 0
     if a.cmd == "merge":
         for f in a.files:
             other = json.loads(Path(f).read_text())

@@ -441,12 +441,15 @@ def make_student(model, ds_cfg: dict, ocfg, mult_fn, grad_clip: float = 0.0):
     muon_note = None
     if ocfg.name == "muon":
         from deepspeed.accelerator import get_accelerator
+        O.import_muon_compiled()
         try:
             compiled, why = O.choose_muon_compile(get_accelerator().device_name())
         except O.RuntimeChoiceError as e:
             raise ConfigError(str(e)) from None
         O.use_eager_muon(not compiled)
         muon_note = f"{'torch.compile' if compiled else 'eager (uncompiled)'}: {why}"
+    else:
+        O.import_muon_uncompiled()           # DeepSpeed's ZeRO check imports Muon's module: skip its compile
     engine, _, _, sched = deepspeed.initialize(model=model, model_parameters=param_groups(model, ocfg),
                                                config=ds_cfg, lr_scheduler=lambda opt: CyclicScheduler(opt, mult_fn))
     if ocfg.name == "muon" and grad_clip > 0:

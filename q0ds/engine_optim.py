@@ -21,8 +21,10 @@ DeepSpeed 0.19.8 then fails in two places that CPU tests never reach (docs/gpu.m
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import shutil
+import sys
 
 import torch
 
@@ -126,6 +128,38 @@ def choose_muon_compile(device_type: str) -> tuple[bool, str]:
         return env == "1", f"{MUON_COMPILE_ENV}={env}"
     missing = compiler_missing(device_type)
     return missing is None, missing or "torch.compile available"
+
+
+_MUON_MODULES = ("deepspeed.runtime.zero.muon.original_muon", "deepspeed.runtime.zero.muon.muon_optimizer")
+
+
+def import_muon_uncompiled() -> None:
+    """For an engine without Muon. DeepSpeed's ZeRO optimizer check imports Muon's module only to put its class
+    on the supported list (runtime/zero/utils.py:66-77, is_zero_supported_optimizer), and that import
+    `torch.compile`s three functions (original_muon.py:50,81,189 via runtime/compiler.py:125-129), which
+    imports inductor: ~1.9 s of CPU per rank per launch, measured here. Import it with torch.compile as the
+    identity instead; `import_muon_compiled` re-imports it compiled if a Muon engine follows in this process."""
+    if _MUON_MODULES[1] in sys.modules:
+        return
+    real = torch.compile
+    torch.compile = lambda model=None, **kw: (lambda fn: fn) if model is None else model
+    try:
+        importlib.import_module(_MUON_MODULES[1])
+    finally:
+        torch.compile = real
+    sys.modules[_MUON_MODULES[0]]._q0ds_uncompiled = True
+
+
+def import_muon_compiled() -> None:
+    """Before a Muon engine: undo `import_muon_uncompiled` (re-execute both modules with the real torch.compile)."""
+    om = sys.modules.get(_MUON_MODULES[0])
+    if om is None or not om.__dict__.get("_q0ds_uncompiled"):
+        return
+    for name in _MUON_MODULES:
+        mod = sys.modules[name]
+        for attr in ("_q0ds_uncompiled", "_q0ds_compiled"):
+            mod.__dict__.pop(attr, None)
+        importlib.reload(mod)
 
 
 def use_eager_muon(eager: bool = True):

@@ -43,6 +43,7 @@ def unit_seconds() -> dict:
     return out
 
 
+@pytest.hookimpl(tryfirst=True)        # before xdist's own hook, which reads the xdist_group marks into the node ids
 def pytest_collection_modifyitems(config, items):
     seconds = unit_seconds()
     for item in items:

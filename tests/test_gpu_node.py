@@ -220,3 +220,18 @@ def test_fp16_gram_newton_schulz_numerics():
         assert ((out - ref).norm() / ref.norm()).item() < 0.03
         sv = torch.linalg.svdvals(out)
         assert 0.6 < sv.min().item() and sv.max().item() < 1.3, sv
+
+
+def test_adamw_engine_skips_muon_compile_and_a_later_muon_engine_gets_it_back():
+    """import_muon_uncompiled (an AdamW engine: DeepSpeed's ZeRO check imports Muon's module) leaves the
+    Newton-Schulz functions plain; import_muon_compiled (before a Muon engine) re-imports them torch.compiled."""
+    import subprocess
+    import sys
+    code = ("import torch; from q0ds import engine_optim as O; import sys\n"
+            "O.import_muon_uncompiled(); assert O.muon_is_eager(), 'compiled at the AdamW import'\n"
+            "from deepspeed.runtime.zero.muon import muon_optimizer as mo, original_muon as om\n"
+            "assert mo.muon_update is om.muon_update\n"
+            "O.import_muon_compiled(); assert not O.muon_is_eager(), 'still uncompiled for Muon'\n"
+            "assert mo.muon_update is sys.modules['deepspeed.runtime.zero.muon.original_muon'].muon_update\n"
+            "assert torch.compile.__module__ == 'torch'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300, env=dict(os.environ, DS_ACCELERATOR="cpu"))
