@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import ROOT, write_json
+from q0ds.config import EXECUTION_ONLY     # keys that never change a trajectory (distill.teacher_mode, ...)
 
 FORMAT = 1
 
@@ -49,7 +50,7 @@ class Ledger:
             src = run.depends[0]
             settings = [o for o in run.info["overrides"] if not o.startswith("run_dir=")]    # not the path
             return f"distill:{self.fingerprint(src)}:k{run.info['k']}:{','.join(settings)}"
-        return f"{run.cfg.fingerprint(exclude=('run_dir', 'monitor', 'data'))}:{self.data_fp[:16]}"
+        return f"{run.cfg.fingerprint(exclude=EXECUTION_ONLY + ('data',))}:{self.data_fp[:16]}"
 
     def entry(self, run) -> dict | None:
         e = self.doc["runs"].get(run.name)

@@ -8,6 +8,7 @@
     # or record an existing junit XML (e.g. of a full idle `make test PYTEST_ARGS=--junitxml=suite.xml`)
     python benchmarks/suite_durations.py parse --label after --workers 2 suite.xml
     python benchmarks/suite_durations.py table          # the runs' wall times and the slowest files, markdown
+    python benchmarks/suite_durations.py table --docs   # ... written into docs/test-suite.md (--check: compare)
 
 Each call merges into benchmarks/results/suite_durations.json: per test id `before_s`, `after_s` (junit
 `time`: setup + call + teardown, so a shared fixture's cost lands on the first test that uses it) and `load`
@@ -117,6 +118,19 @@ def table(doc: dict, top: int = 15) -> str:
     return "\n".join(lines) + "\n"
 
 
+DOCS = ROOT / "docs" / "test-suite.md"
+BEGIN, END = "<!-- suite-durations -->", "<!-- /suite-durations -->"
+
+
+def docs_with_table(text: str, tab: str) -> str:
+    """`text` (docs/test-suite.md) with the block between BEGIN and END replaced by `tab`."""
+    head, sep, rest = text.partition(BEGIN)
+    _, sep2, tail = rest.partition(END)
+    if not (sep and sep2):
+        raise SystemExit(f"{DOCS}: the markers {BEGIN} ... {END} are missing; put them where the table goes")
+    return f"{head}{BEGIN}\n{tab}{END}{tail}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -131,14 +145,28 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0, help="pytest-xdist workers of that run (0: one process)")
     p.add_argument("--note", default="", help="what was measured (commit, machine state)")
     p.add_argument("xml")
-    sub.add_parser("table", help="print the runs and the slowest files as markdown")
+    t = sub.add_parser("table", help="print the runs and the slowest files as markdown")
+    t.add_argument("--docs", action="store_true", help=f"write it into {DOCS.relative_to(ROOT)}")
+    t.add_argument("--check", action="store_true", help=f"exit 1 if {DOCS.relative_to(ROOT)} is not current")
     j = sub.add_parser("merge", help="merge other results files (e.g. sides measured at the same time) into --out")
     j.add_argument("files", nargs="+")
     for s in (m, p, j, sub.choices["table"]):
         s.add_argument("--out", default=str(OUT))
     a = ap.parse_args(argv)
     if a.cmd == "table":
-        print(table(json.loads(Path(a.out).read_text())), end="")
+        tab = table(json.loads(Path(a.out).read_text()))
+        if not (a.docs or a.check):
+            print(tab, end="")
+            return 0
+        text = DOCS.read_text()
+        new = docs_with_table(text, tab)
+        if a.check:
+            if new != text:
+                print(f"{DOCS} is not current: run `python benchmarks/suite_durations.py table --docs`", file=sys.stderr)
+                return 1
+            return 0
+        DOCS.write_text(new)
+        print(f"table -> {DOCS}")
         return 0
     if a.cmd == "merge":
         for f in a.files:

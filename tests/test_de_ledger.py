@@ -1,0 +1,44 @@
+"""The committed data-efficiency ledger stays valid: every finished run in it has the fingerprint that today's code
+gives the same run, so a benchmark session skips it instead of silently retraining hours of CPU (a config key
+added later, such as distill.teacher_mode, once invalidated every entry). Prepares the benchmark's data (~1 s);
+trains nothing."""
+import json
+
+import pytest
+
+from benchmarks import data_efficiency as D, de_arms, de_honest_arms, de_jobs
+from benchmarks.de_ledger import Ledger
+from q0ds.data import PreparedData
+
+LEDGER = D.DEFAULT_OUT / "data_efficiency_ledger.json"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    args = D.parse_args(["--work", str(tmp_path_factory.mktemp("de")), "--honest-arms"])
+    data = D.prepare_data(args)
+    ledger = Ledger(LEDGER, PreparedData.open(data).fingerprint)
+    old, de_jobs.LEDGER = de_jobs.LEDGER, ledger
+    try:
+        runs = de_arms.build_runs(args, data, ledger.doc["tuned"]["recipe"]) + de_honest_arms.build(args, data)
+    finally:
+        de_jobs.LEDGER = old
+    return ledger, {r.name: r for r in runs}
+
+
+def test_the_benchmark_data_has_the_ledgers_data_fingerprint(built):
+    ledger, _ = built
+    recorded = {e["fingerprint"].rsplit(":", 1)[-1] for e in ledger.doc["runs"].values() if e["kind"] != "distill"}
+    assert recorded == {ledger.data_fp[:16]}, "the benchmark's prepared data changed: every ledger entry is stale"
+
+
+def test_every_ledger_entry_matches_its_run_today(built):
+    ledger, runs = built
+    entries = json.loads(LEDGER.read_text())["runs"]
+    assert len(entries) >= 79
+    orphans = sorted(set(entries) - set(runs))
+    assert not orphans, f"ledger entries the benchmark no longer builds: {orphans}"
+    stale = [name for name, e in entries.items() if e["fingerprint"] != ledger.fingerprint(runs[name])]
+    assert not stale, (f"{len(stale)} ledger entries would be retrained (their settings fingerprint changed), "
+                       f"e.g. {stale[:3]}: a new config key that does not change a trajectory belongs in "
+                       "q0ds.config.EXECUTION_ONLY")
