@@ -94,3 +94,10 @@ def test_config_reference_is_current():
     r = subprocess.run([sys.executable, str(ROOT / "docs" / "gen_config_reference.py"), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_suite_durations_table_is_current():
+    """docs/test-suite.md's table is benchmarks/results/suite_durations.json as `table --docs` writes it."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite_durations.py"), "table", "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
