@@ -37,11 +37,27 @@ def single_curve(run_dir) -> dict:
     ce = json.loads((Path(run_dir) / "config.json").read_text())["schedule"]["cycle_epochs"]   # nominal epochs
     curve = [{"epochs": ce * (m["cycle"] + 1), "epochs_actual": m["epoch"], "val_loss": _nll(V[i]),
               "fitness_loss": _nll(F[i])} for i, m in enumerate(metas)]
+    test = _test_losses(run_dir)
+    if test is not None:                       # data with a test split: reported, never chosen on
+        for r, t in zip(curve, test):
+            r["test_loss"] = t
     best = min(curve, key=lambda r: r["val_loss"])
     fit_best = min(curve, key=lambda r: r["fitness_loss"])
-    return {"curve": curve, "best_val_loss": best["val_loss"], "best_epoch": best["epochs"],
-            "final_val_loss": curve[-1]["val_loss"], "epochs": curve[-1]["epochs"],
-            "val_at_best_fitness_epoch": fit_best["val_loss"], "best_fitness_epoch": fit_best["epochs"]}
+    out = {"curve": curve, "best_val_loss": best["val_loss"], "best_epoch": best["epochs"],
+           "final_val_loss": curve[-1]["val_loss"], "epochs": curve[-1]["epochs"],
+           "val_at_best_fitness_epoch": fit_best["val_loss"], "best_fitness_epoch": fit_best["epochs"]}
+    if test is not None:
+        out["test_at_best_fitness_epoch"] = fit_best["test_loss"]
+    return out
+
+
+def _test_losses(run_dir) -> list[float] | None:
+    """Test NLL of every scored snapshot (list_snapshots order), None unless every one has test scores."""
+    from q0ds.snapshot import list_snapshots, load_scores
+    snaps = list_snapshots(run_dir)
+    if not snaps or not all((s / "test.safetensors").is_file() for s in snaps):
+        return None
+    return [_nll(load_scores(s, "test")) for s in snaps]
 
 
 def ensemble_of_first(run_dir, M: int) -> dict:

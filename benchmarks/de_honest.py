@@ -42,6 +42,12 @@ KS = (1, 2, 4, 8)
 PRESET, SEQ_LEN, DISTILL_START = "small", 128, 2     # q0ds/presets.py "small": distill.start_cycle 2
 PAPER = {"fitness_tokens": 132_000, "train_tokens": 100_000_000, "ratio": 4.6, "params": "1.8B", "epochs": 256}
 Q0_KEY = "q0_curve|8,16,32,64|1500,3000,6000,12000"
+TUNED = "single tuned at E (fitness epoch)"                      # the honest arms' baselines (de_honest_arms.py)
+CALIBRATED = "single tuned at E, calibrated (T on fitness)"
+
+
+def fitstop(M: int) -> str:
+    return f"ensemble M={M} tuned at E, fitness-stopped"
 
 
 def ci(xs) -> dict | None:
@@ -165,7 +171,37 @@ class Arms:
             if e:
                 out[f"ensemble M={M}"] = {"val_loss": e["val_loss"], "epochs": e["epochs"],
                                           "flops": self._flops(e["epochs"], M), "wall_s": self.L.wall(name, range(M))}
+        out.update(self.honest_baselines(E, s))
         return out
+
+    def honest_baselines(self, E: int, s: int) -> dict:
+        """The arms of benchmarks/de_honest_arms.py that have finished: the single model with the recipe tuned AT
+        this budget (LR x WD grid on fitness), taken at its best FITNESS epoch, plain and temperature-calibrated
+        (T fitted on fitness), and ensembles of such members each stopped at its best fitness epoch. Every choice
+        on fitness; costs are the whole runs (every epoch trained and scored, the grid itself not counted)."""
+        out = {}
+        name = f"sfit-E{E}-s{s}"
+        c = self.L.eval(name, "single_curve")
+        if c:
+            ea = c["curve"][-1]["epochs_actual"]
+            cost = {"epochs": ea, "flops": self._flops(ea, len(c["curve"])), "wall_s": self.L.wall(name)}
+            out[TUNED] = {"val_loss": c["val_at_best_fitness_epoch"], **cost}
+            t = self.L.eval(name, "temperature")
+            if t:
+                out[CALIBRATED] = {"val_loss": t["val_loss_calibrated"], "temperature": t["temperature"], **cost}
+        for M in ENSEMBLE_SIZES:
+            name = f"pfit-E{E}-M{M}-s{s}"
+            e = self.L.eval(name, f"ensemble_fitstop_M{M}")
+            if e:                                   # a snapshot every epoch of every member: E snapshots in all
+                out[fitstop(M)] = {"val_loss": e["val_loss"], "epochs": e["epochs"],
+                                   "flops": self._flops(e["epochs"], round(E)), "wall_s": self.L.wall(name, range(M))}
+        return out
+
+    def complete_baselines(self, E: int) -> dict:
+        """{seed: {name: cell}} restricted to the baselines finished for every seed (a cell needs all seeds)."""
+        base = {s: self.baselines(E, s) for s in SEEDS}
+        names = [n for n in base[SEEDS[0]] if all(n in base[s] for s in SEEDS)]
+        return {s: {n: base[s][n] for n in names} for s in SEEDS}
 
     def q0_at(self, E: int, s: int) -> dict:
         return next(r for r in self.L.eval(f"q0-s{s}", Q0_KEY)["curve"] if abs(r["epochs"] - E) < 1e-9)
@@ -184,7 +220,7 @@ def three_way(A: Arms) -> dict:
     out = {}
     curves = {s: A.q0_curve(s) for s in SEEDS}
     for E in BUDGETS:
-        base = {s: A.baselines(E, s) for s in SEEDS}
+        base = A.complete_baselines(E)
         out[str(E)] = {}
         for axis, (bkey, qkey) in AXES.items():
             rows = {}
@@ -233,15 +269,30 @@ def inference_matched(A: Arms) -> dict:
             if bfit:
                 rows[str(K)]["single_at_fitness_epoch"] = ci(bfit)
                 rows[str(K)]["single_at_fitness_epoch_minus_q0"] = ci(x - y for x, y in zip(bfit, q))
-        out[str(E)] = {k: rows[k] for k in ["1", "1-oracle"] + [str(K) for K in KS[1:]]}
+            extra = ((("tuned", TUNED), ("calibrated", CALIBRATED)) if K == 1 else (("fitstop", fitstop(K)),))
+            for tag, bname in extra:             # the honest arms, once finished for every seed
+                b = [A.honest_baselines(E, s).get(bname, {}).get("val_loss") for s in SEEDS]
+                missing = [n for n, v in (("q0", q), (bname, b)) if None in v]
+                rows[f"{K}-{tag}"] = {"q0_topk": ci(q), "baseline": bname, "baseline_val": ci(b) if not missing else None,
+                                      "baseline_minus_q0": ci(x - y for x, y in zip(b, q)) if not missing else None,
+                                      "missing": missing}
+        order = ["1", "1-oracle", "1-tuned", "1-calibrated"] + [k for K in KS[1:] for k in (str(K), f"{K}-fitstop")]
+        out[str(E)] = {k: rows[k] for k in order}
     return out
+
+
+def strongest_at(rows: dict, K: int) -> str | None:
+    """The K-forward baseline with the lowest mean val loss against the same q0 top-K (not the '1-oracle' row,
+    whose q0 side is an oracle too); None when no such baseline has all seeds."""
+    keys = [k for k in rows if k.split("-")[0] == str(K) and k != "1-oracle" and rows[k]["baseline_val"]]
+    return min(keys, key=lambda k: rows[k]["baseline_val"]["mean"], default=None)
 
 
 def population(A: Arms) -> dict:
     """Total gain (strongest-by-loss baseline minus q0's mixture) = recipe (baseline minus q0 K=1) + population."""
     out = {}
     for E in BUDGETS:
-        base = {s: A.baselines(E, s) for s in SEEDS}
+        base = A.complete_baselines(E)
         means = {k: statistics.fmean(base[s][k]["val_loss"] for s in SEEDS) for k in base[0]}
         best = min(means, key=means.get)
         mix = [A.q0_at(E, s)["val_loss"] for s in SEEDS]
@@ -367,6 +418,7 @@ def compute(ledger_path: Path, report_path: Path, results: Path) -> dict:
     data = json.loads(report_path.read_text())["data"]
     A = Arms(L, data)
     eff = {s: A.q0_at(8, s)["epochs_actual"] / 8 for s in SEEDS}
+    im = inference_matched(A)
     return {
         "benchmark": "data_efficiency_honest",
         "command": "python benchmarks/de_honest.py",
@@ -377,7 +429,8 @@ def compute(ledger_path: Path, report_path: Path, results: Path) -> dict:
             f"L={L_}": L.eval(f"pool-L{L_}-s0", "ensemble_M2")["epochs"] / (2 * L_) for L_ in (1, 2, 4, 8, 16, 32)}},
         "q0_wall_fit": A.wall_fit,
         "three_way": three_way(A),
-        "inference_matched": inference_matched(A),
+        "inference_matched": im,
+        "inference_strongest": {E: {str(K): strongest_at(rows, K) for K in KS} for E, rows in im.items()},
         "population": population(A),
         "ablations_32": ablations(L),
         "defaults_on_fitness": defaults_on_fitness(L),

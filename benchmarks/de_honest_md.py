@@ -36,12 +36,15 @@ def markdown(r: dict) -> str:
     L += ["", "## Inference-matched (K forward passes per token)", "",
           "q0 = prior-weighted top-K (prior fitted on fitness); baseline = the single model at its oracle best val "
           "epoch (K = 1) or the K-member ensemble. K = '1-oracle': q0's best single snapshot chosen on val, against "
-          "the single model's best epoch on val (both oracles). Difference = baseline minus q0 (+ = q0 better).", "",
+          "the single model's best epoch on val (both oracles). '-tuned' / '-calibrated' / '-fitstop': the "
+          "baselines tuned at each budget on fitness (benchmarks/de_honest_arms.py; '-' = not yet run for every "
+          "seed). Difference = baseline minus q0 (+ = q0 better); * = the strongest baseline at that K.", "",
           "| epochs | K | q0 top-K | baseline | baseline val | baseline minus q0 |", "|---|---|---|---|---|---|"]
     for E in BUDGETS:
+        best = set(r["inference_strongest"][E].values())
         for K, x in r["inference_matched"][E].items():
-            L.append(f"| {E} | {K} | {iv(x['q0_topk'])} | {x['baseline']} | {iv(x['baseline_val'])} | "
-                     f"{iv(x['baseline_minus_q0'])} |")
+            L.append(f"| {E} | {K} | {iv(x['q0_topk'])} | {x['baseline']}{' *' if K in best else ''} | "
+                     f"{iv(x['baseline_val'])} | {iv(x['baseline_minus_q0'])} |")
     L += ["", "Single model at its best epoch on FITNESS (no val choice) minus q0 K = 1: " + "; ".join(
         f"{E}: {iv(r['inference_matched'][E]['1']['single_at_fitness_epoch_minus_q0'])}" for E in BUDGETS), ""]
     L += ["## Where the gain comes from", "",
@@ -85,13 +88,13 @@ def plot(r: dict, path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharey=False)
     for ax, E in zip(axes, BUDGETS):
-        rows = r["inference_matched"][E]
+        rows, strongest = r["inference_matched"][E], r["inference_strongest"][E]
         Ks = [int(k) for k in rows if "-" not in k]
         for key, label, style in (("q0_topk", "q0 top-K (prior on fitness)", "o-"),
-                                  ("baseline_val", "single (K=1, oracle epoch) / ensemble M=K", "s--")):
-            m = [rows[str(k)][key]["mean"] for k in Ks]
-            err = [[m[i] - rows[str(k)][key]["lo"] for i, k in enumerate(Ks)],
-                   [rows[str(k)][key]["hi"] - m[i] for i, k in enumerate(Ks)]]
+                                  ("baseline_val", "strongest baseline with K forwards (single / ensemble M=K)", "s--")):
+            cells = [rows[strongest[str(k)] if key == "baseline_val" else str(k)][key] for k in Ks]
+            m = [c["mean"] for c in cells]
+            err = [[m[i] - c["lo"] for i, c in enumerate(cells)], [c["hi"] - m[i] for i, c in enumerate(cells)]]
             ax.errorbar(Ks, m, yerr=err, fmt=style, capsize=3, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xticks(Ks, [str(k) for k in Ks])

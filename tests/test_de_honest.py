@@ -87,3 +87,41 @@ def test_markdown_has_every_budget(res):
     for E in ("8", "16", "32", "64"):
         assert f"| {E} |" in md
     assert "per wall second" in md and "population share" in md
+
+
+def test_honest_arms_enter_every_table_once_finished_for_all_seeds(tmp_path):
+    """The baselines tuned at each budget (benchmarks/de_honest_arms.py) join the ratios, the inference-matched
+    rows and the strongest-baseline choices as soon as every seed has them, and not before. Synthetic entries:
+    copies of the 8-epoch single model / M=2 ensemble, made 0.5 nats better so that they must become strongest."""
+    doc = json.loads((R / "data_efficiency_ledger.json").read_text())
+    runs = doc["runs"]
+    for s in (0, 1, 2):
+        single = json.loads(json.dumps(runs[f"single-E8-s{s}"]))
+        for p in single["eval"]["single_curve"]["curve"]:
+            p["val_loss"] -= 0.5
+            p["fitness_loss"] -= 0.5
+        single["eval"]["single_curve"]["val_at_best_fitness_epoch"] -= 0.5
+        single["eval"]["temperature"] = {"temperature": 1.1, "val_loss_calibrated":
+                                         single["eval"]["single_curve"]["val_at_best_fitness_epoch"] - 0.01}
+        single["kind"] = "sfit"
+        runs[f"sfit-E8-s{s}"] = single
+        if s < 2:                                # one seed missing: the fitness-stopped ensemble stays out
+            pool = json.loads(json.dumps(runs[f"pool-L4-s{s}"]))
+            pool["eval"] = {"ensemble_fitstop_M2": {**pool["eval"]["ensemble_M2"],
+                                                    "val_loss": pool["eval"]["ensemble_M2"]["val_loss"] - 0.5}}
+            pool["kind"] = "pfit"
+            runs[f"pfit-E8-M2-s{s}"] = pool
+    ledger = tmp_path / "ledger.json"
+    ledger.write_text(json.dumps(doc))
+    res = de_honest.compute(ledger, R / "data_efficiency.json", R)
+    tw = res["three_way"]["8"]
+    assert de_honest.TUNED in tw["epoch"]["by_baseline"] and de_honest.CALIBRATED in tw["epoch"]["by_baseline"]
+    assert de_honest.fitstop(2) not in tw["epoch"]["by_baseline"]          # seed 2 not finished
+    assert "sfit" not in json.dumps(res["three_way"]["16"])                 # only where the runs exist
+    im = res["inference_matched"]["8"]
+    assert im["1-calibrated"]["baseline_val"]["mean"] < im["1-tuned"]["baseline_val"]["mean"] < im["1"]["baseline_val"]["mean"]
+    assert res["inference_strongest"]["8"]["1"] == "1-calibrated"
+    assert im["2-fitstop"]["baseline_val"] is None and im["2-fitstop"]["missing"] == [de_honest.fitstop(2)]
+    assert res["inference_strongest"]["8"]["2"] == "2"
+    assert res["population"]["8"]["strongest_by_loss"] == de_honest.CALIBRATED
+    assert "1-calibrated" in markdown(res)
