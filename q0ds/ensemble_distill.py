@@ -17,7 +17,8 @@ checkpoints, exact resume, snapshots (plain HF dirs, val/fitness scored) as a q0
     loss  = (1 - alpha) * CE + alpha * T^2 * KL(p_mix || softmax(z_student / T))     (distill.mixture_distill_loss)
 
 accumulated member by member in log space (two [batch, seq, vocab] tensors, whatever K). Knobs (key=value):
-ensemble.init=top1|scratch (default top1: start from the top-weighted member), distill.alpha (0.9),
+ensemble.init=top1|scratch|avg (default top1: start from the top-weighted member; avg: from the
+prior-weighted average of the K members' weights, one base only), distill.alpha (0.9),
 distill.temperature (1.0), schedule.cycles x schedule.cycle_epochs (default 2 x 1 epoch, warmup 10 steps +
 cosine; one scored snapshot per cycle), optim.*, model.* (a smaller student works if the vocab matches),
 ensemble.max_engines (8), run_dir=... (another output dir, e.g. for a CE-only control with distill.alpha=0).
@@ -82,7 +83,7 @@ DEFAULTS = ["bases=1", "schedule.shape=cosine", "schedule.cycles=2", "schedule.c
             "schedule.cycle_steps=0", "schedule.warmup_steps=10", "schedule.wd_coupling=false",
             "train.small_batch=0", "distill.enabled=false", "distill.alpha=0.9", "distill.temperature=1.0",
             "perturb.enabled=false"]
-ENSEMBLE_OPTIONS = {"init": ("top1", ("top1", "scratch")), "max_engines": (8, None)}
+ENSEMBLE_OPTIONS = {"init": ("top1", ("top1", "scratch", "avg")), "max_engines": (8, None)}
 SEED_OFFSET = 3000          # the student's own init seed and data order (baselines use +1000)
 SPEC = "teacher.json"
 
@@ -135,12 +136,36 @@ def resolve(run, k: int, overrides=()) -> tuple[RunConfig, dict, dict]:
     prior = read_prior_json(run / "prior.json")
     idx, w = topk_weights(prior["weights"], k)
     ids = [prior["members"][i] for i in idx]
+    if opts["init"] == "avg":
+        check_one_trajectory(ids)
     snaps = [member_dir(run, m) for m in ids]
     metas = [read_meta(s) for s in snaps]
     spec = {"run": str(run.resolve()), "k": k, "members": ids, "weights": [float(x) for x in w],
             "member_sha256": [m["sha256"] for m in metas], "init": opts["init"],
             "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature}
     return cfg, spec, opts
+
+
+def check_one_trajectory(members):
+    """ensemble.init=avg averages weights, which only makes sense along ONE trajectory (one base)."""
+    bases = sorted({m.split("/")[0] for m in members})
+    if len(bases) > 1:
+        raise ConfigError(f"ensemble.init=avg averages the members' weights, but the top-{len(members)} members come "
+                          f"from {len(bases)} bases ({', '.join(bases)}): use ensemble.init=top1 or a K whose "
+                          "members share a base")
+
+
+def average_weights(state_dicts, weights) -> dict:
+    """sum_i w_i * sd_i per tensor, accumulated in float64, returned in float32 (the fp32 master the student
+    trains; set_trained_weights_ casts the module copy to the model dtype). The weights are used as given.
+    `state_dicts` may be a generator: one member's tensors alive at a time, plus the float64 sum."""
+    acc = None
+    for sd, w in zip(state_dicts, weights):
+        if acc is None:
+            acc = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in sd.items()}
+        for name, t in acc.items():
+            t.add_(sd[name].double(), alpha=float(w))
+    return {name: t.float() for name, t in acc.items()}
 
 
 def member_dir(run, member: str) -> Path:
@@ -237,10 +262,16 @@ class EnsembleDistillTrainer(BaseTrainer):
 
     def _resume(self):
         super()._resume()
-        if self.step == 0 and self.opts["init"] == "top1":    # a fresh start from the top-weighted member
-            from safetensors.torch import load_file
-            E.set_trained_weights_(self.student, load_file(member_dir(self.spec["run"], self.spec["members"][0]) / "model.safetensors"))
+        if self.step != 0:
+            return
+        from safetensors.torch import load_file
+        files = [member_dir(self.spec["run"], m) / "model.safetensors" for m in self.spec["members"]]
+        if self.opts["init"] == "top1":           # a fresh start from the top-weighted member
+            E.set_trained_weights_(self.student, load_file(files[0]))
             self._print(f"student initialised from {self.spec['members'][0]}")
+        elif self.opts["init"] == "avg":          # from the prior-weighted average of the K members' weights
+            E.set_trained_weights_(self.student, average_weights((load_file(f) for f in files), self.spec["weights"]))
+            self._print(f"student initialised from the weighted average of {', '.join(self.spec['members'])}")
 
     def _snapshot_meta(self, cyc) -> dict:
         meta = super()._snapshot_meta(cyc)
