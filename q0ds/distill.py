@@ -220,14 +220,16 @@ def _collapsed_kl(lp_top, lp_rest, target: TopK):
 
 def _topk_kl_chunk(zc, target: TopK, s, e, T, need_grad):
     """(KL per row, T * dKL/dz) of rows s:e. The gradient in closed form: p_v - q_v for a top id v, and
-    p_v * (1 - q_rest / p_rest) for any other token (the bucket's mass spread as the student spreads it)."""
+    p_v - q_rest * p_v / p_rest for any other token (the bucket's mass spread as the student spreads it)."""
     t = normalised(target.rows(s, e))
     ls = F.log_softmax(zc / T, dim=-1)
     lp_top, lp_rest = collapse(ls, t.top_ids)
     kl_rows = _collapsed_kl(lp_top, lp_rest, t)
     if not need_grad:
         return kl_rows, None
-    g = ls.exp_().mul_(1.0 - (t.log_rest - lp_rest).exp()[:, None])
+    spread = (ls + (t.log_rest - lp_rest)[:, None]).exp_()      # q_rest * p_v / p_rest <= q_rest, in log space
+    g = ls.exp_().sub_(spread)                                   # (the ratio q_rest / p_rest alone can overflow)
+    del spread
     g.scatter_(1, t.top_ids, lp_top.exp() - t.top_logp.exp())
     return kl_rows, g
 
