@@ -172,7 +172,7 @@ def average_weights(state_dicts, weights) -> dict:
         if acc is None:
             acc = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in sd.items()}
         for name, t in acc.items():
-            t.add_(sd[name].double(), alpha=float(w))
+            t += float(w) * sd[name].double()        # w * x rounded, then the sum: the plain formula
     return {name: t.float() for name, t in acc.items()}
 
 
