@@ -22,7 +22,9 @@ ensemble.init=top1|scratch|avg (default top1: start from the top-weighted member
 prior-weighted average of the K members' weights, one base only), distill.alpha (0.9),
 distill.temperature (1.0), schedule.cycles x schedule.cycle_epochs (default 2 x 1 epoch, warmup 10 steps +
 cosine; one scored snapshot per cycle), optim.*, model.* (a smaller student works if the vocab matches),
-ensemble.max_engines (8), run_dir=... (another output dir, e.g. for a CE-only control with distill.alpha=0).
+ensemble.max_engines (8), ensemble.teacher_cache=N (0: the mixture on the fly; N >= 1: targets from a top-N
+cache, option (c) below; ensemble.teacher_cache_dtype=float16|float32 its log-prob dtype), run_dir=... (another
+output dir, e.g. for a CE-only control with distill.alpha=0).
 Every snapshot.json names its teachers under "teachers" (member, weight, sha256 each) and "distilled_from"
 (run, K, members, weights, sha256s, alpha, T, init), and its recipe under "recipe" (command, loss, alpha, T,
 init, seed, schedule, optimizer, seq_len, batch, config fingerprint); a relaunch whose teachers differ (say, a refitted prior) is refused (teacher.json).
@@ -37,6 +39,10 @@ Teacher memory: the options and the choice.
       = 10 TB per epoch at the paper's scale. Only a top-k truncation would fit, and it changes the target.
   Chosen: (a) up to ensemble.max_engines resident engines, with (b) above the cap: member m runs in slot
   m % cap, always in member order, so any cap gives bitwise the same loss (tested) and resume stays exact.
+  ensemble.teacher_cache=N is (c) truncated, on request: one pass before training writes the tempered mixture's
+  top N log-probs + ids + the log of the remaining mass for every window of the plan (teacher_cache.py; tokens
+  x N x 6 B: 19 GB per 100M tokens at N = 32); training then runs no member forward, and the KL is taken over
+  the N + 1 outcomes (distill.cached_distill_loss). The target changes: measure it with distill.truncation_error.
 
 COMMITTED RESULT (benchmarks/data_efficiency.py, `ensemble_distillation` in benchmarks/results/
 data_efficiency.json): top-4 mixture of a 32-epoch q0 run into one model, defaults, 2 seeds: 17% and 55% of
