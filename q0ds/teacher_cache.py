@@ -93,6 +93,7 @@ def build(cache_dir: Path, key: dict, windows, teacher_logp, batch: int, rank: i
             tensors = {"top_logp": t.top_logp.to(DTYPES[key["dtype"]]).contiguous(),
                        "top_ids": t.top_ids.to(torch.int32).contiguous(),
                        "log_rest": t.log_rest.float().contiguous(), "tokens": win[:keep].to(torch.int32).contiguous()}
+            tensors = {name: v.cpu() for name, v in tensors.items()}
             try:
                 tmp = temp_name(cache_dir / shard_name(i))
                 save_safetensors(tensors, tmp)
