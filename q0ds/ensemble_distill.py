@@ -53,11 +53,11 @@ MEASURED on 2 shared CPU cores (load 3-12), `small` model (0.95M params, vocab 2
   Step time, s per optimizer step, min / median of 12 round-robin steps (--bench 0,1,2,4,8,4/1,8/2):
       student alone (CE) 0.38 / 0.39    K=1 0.58 / 0.67    K=2 0.71 / 0.81    K=4 1.03 / 1.25    K=8 1.66 / 1.75
       K=4 through 1 swapped engine 1.04 / 1.17 (96 loads)    K=8 through 2: 1.67 / 1.92 (192 loads)
+    Each member adds ~0.16 s, ~0.4 x a student step (its forward + the vocab-wide log-mixture). Swapping is
+    free at this size (a 3.8 MB load from page cache); at 1.8B it is a 3.5 GB load per member per micro-batch.
     Teacher cache (--bench 0,3,3@32 schedule.cycle_steps=6, `tiny` model, vocab 512, batch 8 x 32, 2 cores at
       load ~2): student alone 0.53 s median, K=3 on the fly 1.12 s, K=3 from a top-32 cache 0.60 s; building
       the cache for the plan's 96 windows took 19.3 s (engine builds and member hashing included).
-    Each member adds ~0.16 s, ~0.4 x a student step (its forward + the vocab-wide log-mixture). Swapping is
-    free at this size (a 3.8 MB load from page cache); at 1.8B it is a 3.5 GB load per member per micro-batch.
   Quality, val NLL (nats/token); retained = (best member - student) / (best member - mixture):
     runs/demo (2 bases x 12 one-epoch cycles, 24.6 epochs): best member 5.3434, top-4 (= top-2) mixture 5.2589
       defaults (top1, 2 epochs), K=4        5.2688   88% retained, 2.05 epochs (8% of the population's cost)
