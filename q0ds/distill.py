@@ -21,6 +21,8 @@ means changing the model call, which cannot be checked without a GPU here. The c
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,23 @@ CHUNK_ELEMS = 1 << 24          # fp32 elements per chunk temporary (64 MB): 333 
 
 def chunk_rows(vocab: int, chunk_elems: int | None = None) -> int:
     return max(1, int(chunk_elems or CHUNK_ELEMS) // max(1, vocab))
+
+
+def _full_kl_chunk(zc, teacher_NV, s, e, T, teacher_is_logp, need_grad):
+    """(KL(p_t || p_s) per row, T * dKL/dz = p_s - p_t or None) of rows s:e; the teacher is full-vocabulary."""
+    tc = teacher_NV[s:e].detach().float()
+    lt = tc if teacher_is_logp else F.log_softmax(tc / T, dim=-1)
+    ls = F.log_softmax(zc / T, dim=-1)
+    pt = lt.exp()
+    kl_rows = (pt * (lt - ls)).sum(-1)
+    return kl_rows, (ls.exp_() - pt) if need_grad else None
+
+
+def kl_chunk(zc, teacher, s, e, T, teacher_is_logp, need_grad):
+    """The KL term of rows s:e: a full-vocabulary teacher tensor, or a TopK target (the teacher cache)."""
+    if isinstance(teacher, TopK):
+        return _topk_kl_chunk(zc, teacher, s, e, T, need_grad)
+    return _full_kl_chunk(zc, teacher, s, e, T, teacher_is_logp, need_grad)
 
 
 class _ChunkedCEKL(torch.autograd.Function):
@@ -56,14 +75,11 @@ class _ChunkedCEKL(torch.autograd.Function):
                 g.scatter_add_(1, yc, torch.full_like(yc, -1, dtype=g.dtype))
                 g.mul_(mf * ((1.0 - alpha) / n))
             if use_kl:
-                tc = teacher_NV[s:e].detach().float()
-                lt = tc if teacher_is_logp else F.log_softmax(tc / T, dim=-1)
-                ls = F.log_softmax(zc / T, dim=-1)
-                pt = lt.exp()
-                kl_sum += ((pt * (lt - ls)).sum(-1) * mf[:, 0]).sum()
+                kl_rows, dkl = kl_chunk(zc, teacher_NV, s, e, T, teacher_is_logp, need_grad)
+                kl_sum += (kl_rows * mf[:, 0]).sum()
                 if need_grad:
-                    g.add_((ls.exp_() - pt).mul_(mf * (alpha * T / nk)))
-                del tc, lt, ls, pt
+                    g.add_(dkl.mul_(mf * (alpha * T / nk)))
+                del kl_rows, dkl
             if need_grad:
                 grad[s:e] = g.to(grad.dtype)
                 del g
@@ -145,6 +161,117 @@ def mixture_distill_loss(student_BSV, member_logits, weights, labels_BS, alpha: 
         return distill_loss(student_BSV, None, labels_BS, 0.0, temperature, chunk_elems)
     logp = mixture_logp(member_logits, weights, temperature, chunk_elems)
     return _chunked(student_BSV, logp, labels_BS, alpha, temperature, True, chunk_elems)
+
+
+# ------------------------------------------------------------------ truncated targets (the teacher cache)
+# A teacher distribution q over V tokens truncated to its top n tokens plus one "everything else" bucket holding
+# the remaining mass: a proper distribution over n + 1 outcomes. The student's p is collapsed onto the same
+# outcomes (its probabilities of the n ids, and the sum of the rest), and the distillation term is
+# KL(q_trunc || p_collapsed). With n = V the bucket is empty and this is the full KL exactly.
+# Memory (ensemble_distill.py, ensemble.teacher_cache=n): tokens x n x 6 bytes (fp16 log-prob + int32 id), plus
+# 8 bytes a token (fp32 bucket, int32 window token): at n = 32, 192 B/token; 100M tokens/epoch (the paper's
+# scale) = 19.2 GB + 0.8 GB per epoch, instead of 100M x 50304 x 2 B = 10 TB for the full distribution.
+
+LOG_ZERO = -1e30     # a finite log(0): exp() is exactly 0, and no inf - inf or 0 * inf makes a NaN
+
+
+class TopK(NamedTuple):
+    """A truncated target: top_logp [..., n] (sorted, descending), top_ids [..., n], log_rest [...]."""
+    top_logp: torch.Tensor
+    top_ids: torch.Tensor
+    log_rest: torch.Tensor
+
+    def rows(self, s, e):
+        return TopK(self.top_logp[s:e], self.top_ids[s:e], self.log_rest[s:e])
+
+
+def truncate_logp(logp, n: int) -> TopK:
+    """The top n of a log-distribution [..., V] and the log of the mass outside them (a logsumexp over the
+    other tokens, not log(1 - sum): exact however close to 1 the top-n mass is). n = V: log_rest = LOG_ZERO."""
+    logp = logp.detach().float()
+    top, ids = logp.topk(n, dim=-1)
+    rest = torch.logsumexp(logp.scatter(-1, ids, LOG_ZERO), -1)
+    return TopK(top, ids, rest.clamp_min(LOG_ZERO))
+
+
+def normalised(target: TopK) -> TopK:
+    """The target as fp32 log-probs renormalised over its n + 1 outcomes (a stored fp16 copy sums to 1 only
+    within rounding); ids as int64 for gather/scatter."""
+    lq = torch.cat([target.top_logp.float(), target.log_rest.float()[..., None]], -1).clamp_min(LOG_ZERO)
+    lq = lq - torch.logsumexp(lq, -1, keepdim=True)
+    return TopK(lq[..., :-1].clamp_min(LOG_ZERO), target.top_ids.long(), lq[..., -1].clamp_min(LOG_ZERO))
+
+
+def collapse(ls, ids):
+    """A student's log-probs [..., V] on the target's outcomes: (log p of the n ids, log p of the rest)."""
+    return ls.gather(-1, ids), torch.logsumexp(ls.scatter(-1, ids, LOG_ZERO), -1)
+
+
+def truncated_kl_rows(ls, target: TopK):
+    """KL(q_trunc || p_collapsed) per row, from the student's log-probs ls [..., V] and a normalised target.
+    Differentiable (autograd): the reference for the chunked closed-form gradient and for measurements."""
+    return _collapsed_kl(*collapse(ls, target.top_ids), target)
+
+
+def _collapsed_kl(lp_top, lp_rest, target: TopK):
+    lq, lq_rest = target.top_logp, target.log_rest
+    return (lq.exp() * (lq - lp_top)).sum(-1) + lq_rest.exp() * (lq_rest - lp_rest)
+
+
+def _topk_kl_chunk(zc, target: TopK, s, e, T, need_grad):
+    """(KL per row, T * dKL/dz) of rows s:e. The gradient in closed form: p_v - q_v for a top id v, and
+    p_v - q_rest * p_v / p_rest for any other token (the bucket's mass spread as the student spreads it)."""
+    t = normalised(target.rows(s, e))
+    ls = F.log_softmax(zc / T, dim=-1)
+    lp_top, lp_rest = collapse(ls, t.top_ids)
+    kl_rows = _collapsed_kl(lp_top, lp_rest, t)
+    if not need_grad:
+        return kl_rows, None
+    spread = (ls + (t.log_rest - lp_rest)[:, None]).exp_()      # q_rest * p_v / p_rest <= q_rest, in log space
+    g = ls.exp_().sub_(spread)                                   # (the ratio q_rest / p_rest alone can overflow)
+    del spread
+    g.scatter_(1, t.top_ids, lp_top.exp() - t.top_logp.exp())
+    return kl_rows, g
+
+
+def cached_distill_loss(student_BSV, target: TopK, labels_BS, alpha: float, temperature: float,
+                        chunk_elems: int | None = None):
+    """(1 - alpha) * CE + alpha * T^2 * KL(q_trunc || p_student_T collapsed), q_trunc a TopK target of the
+    tempered teacher (shapes [B, S, n], [B, S, n], [B, S]). Chunked like distill_loss. Returns (loss, parts)."""
+    if alpha == 0.0:
+        return distill_loss(student_BSV, None, labels_BS, 0.0, temperature, chunk_elems)
+    V, n = student_BSV.shape[-1], target.top_ids.shape[-1]
+    flat = TopK(target.top_logp.reshape(-1, n), target.top_ids.reshape(-1, n), target.log_rest.reshape(-1))
+    loss, ce, kl = _ChunkedCEKL.apply(student_BSV.reshape(-1, V), flat, labels_BS.reshape(-1), float(alpha),
+                                      float(temperature), True, chunk_rows(V, chunk_elems), torch.is_grad_enabled())
+    return loss, {"ce": ce.detach(), "kl": kl.detach()}
+
+
+def truncation_error(student_NV, teacher_logp_NV, ns, temperature: float = 1.0) -> dict:
+    """How well top-n truncation approximates the distillation term on given tokens (rows of [N, V] student
+    logits and the teacher's tempered log-probs, e.g. mixture_logp on a few windows, flattened). For each n:
+    the exact KL(q || p_T) and the truncated one (means over rows), their difference, the cosine between their
+    gradients w.r.t. the student logits, and the teacher mass the top n covers (mean and min over rows)."""
+    z = student_NV.detach().float().reshape(-1, student_NV.shape[-1])
+    lq = teacher_logp_NV.detach().float().reshape(z.shape)
+
+    def value_and_grad(kl_fn):
+        zz = z.clone().requires_grad_()
+        kl = kl_fn(F.log_softmax(zz / temperature, -1)).mean()
+        (g,) = torch.autograd.grad(kl, zz)
+        return kl.item(), g.flatten()
+
+    exact, g_exact = value_and_grad(lambda ls: (lq.exp() * (lq - ls)).sum(-1))
+    out = {"exact_kl": exact, "rows": z.shape[0], "vocab": z.shape[1], "by_n": {}}
+    for n in ns:
+        t = truncate_logp(lq, int(n))
+        kl, g = value_and_grad(lambda ls: truncated_kl_rows(ls, normalised(t)))
+        mass = torch.logsumexp(t.top_logp, -1).exp()
+        out["by_n"][int(n)] = {"truncated_kl": kl, "abs_error": abs(kl - exact),
+                               "relative_error": abs(kl - exact) / max(abs(exact), 1e-30),
+                               "grad_cosine": F.cosine_similarity(g, g_exact, dim=0, eps=1e-30).item(),
+                               "mass_mean": mass.mean().item(), "mass_min": mass.min().item()}
+    return out
 
 
 # ------------------------------------------------------------------ unchunked reference (tests, benchmarks)

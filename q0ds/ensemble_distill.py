@@ -3,7 +3,8 @@
     q0ds distill-ensemble --run RUN --k 4 [key=value ...]                 # 1 rank, in this process (CPU)
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module q0ds.ensemble_distill --run RUN --k 4 [key=value ...]
     deepspeed --num_gpus 8 --module q0ds.ensemble_distill --run RUN --k 4  # GPUs, one node
-    python -m q0ds.ensemble_distill --run RUN --bench 0,1,2,4,8,4/1        # step time vs K ("K/S": S engines)
+    python -m q0ds.ensemble_distill --run RUN --bench 0,1,2,4,8,4/1,4@32   # step time vs K ("K/S": S engines,
+                                                                            #  "K@N": from a top-N teacher cache)
 
 Relaunching the same command resumes exactly (exit 75 = pre-empted, checkpoint written: relaunch). The end
 writes RUN/distilled/k{K}/distill_report.json + .png and prints a summary; distill_summary(run, k) -> dict.
@@ -17,10 +18,13 @@ checkpoints, exact resume, snapshots (plain HF dirs, val/fitness scored) as a q0
     loss  = (1 - alpha) * CE + alpha * T^2 * KL(p_mix || softmax(z_student / T))     (distill.mixture_distill_loss)
 
 accumulated member by member in log space (two [batch, seq, vocab] tensors, whatever K). Knobs (key=value):
-ensemble.init=top1|scratch (default top1: start from the top-weighted member), distill.alpha (0.9),
+ensemble.init=top1|scratch|avg (default top1: start from the top-weighted member; avg: from the
+prior-weighted average of the K members' weights, one base only), distill.alpha (0.9),
 distill.temperature (1.0), schedule.cycles x schedule.cycle_epochs (default 2 x 1 epoch, warmup 10 steps +
 cosine; one scored snapshot per cycle), optim.*, model.* (a smaller student works if the vocab matches),
-ensemble.max_engines (8), run_dir=... (another output dir, e.g. for a CE-only control with distill.alpha=0).
+ensemble.max_engines (8), ensemble.teacher_cache=N (0: the mixture on the fly; N >= 1: targets from a top-N
+cache, option (c) below; ensemble.teacher_cache_dtype=float16|float32 its log-prob dtype), run_dir=... (another
+output dir, e.g. for a CE-only control with distill.alpha=0).
 Every snapshot.json names its teachers under "teachers" (member, weight, sha256 each) and "distilled_from"
 (run, K, members, weights, sha256s, alpha, T, init), and its recipe under "recipe" (command, loss, alpha, T,
 init, seed, schedule, optimizer, seq_len, batch, config fingerprint); a relaunch whose teachers differ (say, a refitted prior) is refused (teacher.json).
@@ -35,6 +39,10 @@ Teacher memory: the options and the choice.
       = 10 TB per epoch at the paper's scale. Only a top-k truncation would fit, and it changes the target.
   Chosen: (a) up to ensemble.max_engines resident engines, with (b) above the cap: member m runs in slot
   m % cap, always in member order, so any cap gives bitwise the same loss (tested) and resume stays exact.
+  ensemble.teacher_cache=N is (c) truncated, on request: one pass before training writes the tempered mixture's
+  top N log-probs + ids + the log of the remaining mass for every window of the plan (teacher_cache.py; tokens
+  x N x 6 B: 19 GB per 100M tokens at N = 32); training then runs no member forward, and the KL is taken over
+  the N + 1 outcomes (distill.cached_distill_loss). The target changes: measure it with distill.truncation_error.
 
 COMMITTED RESULT (benchmarks/data_efficiency.py, `ensemble_distillation` in benchmarks/results/
 data_efficiency.json): top-4 mixture of a 32-epoch q0 run into one model, defaults, 2 seeds: 17% and 55% of
@@ -47,6 +55,9 @@ MEASURED on 2 shared CPU cores (load 3-12), `small` model (0.95M params, vocab 2
       K=4 through 1 swapped engine 1.04 / 1.17 (96 loads)    K=8 through 2: 1.67 / 1.92 (192 loads)
     Each member adds ~0.16 s, ~0.4 x a student step (its forward + the vocab-wide log-mixture). Swapping is
     free at this size (a 3.8 MB load from page cache); at 1.8B it is a 3.5 GB load per member per micro-batch.
+    Teacher cache (--bench 0,3,3@32 schedule.cycle_steps=6, `tiny` model, vocab 512, batch 8 x 32, 2 cores at
+      load ~2): student alone 0.53 s median, K=3 on the fly 1.12 s, K=3 from a top-32 cache 0.60 s; building
+      the cache for the plan's 96 windows took 19.3 s (engine builds and member hashing included).
   Quality, val NLL (nats/token); retained = (best member - student) / (best member - mixture):
     runs/demo (2 bases x 12 one-epoch cycles, 24.6 epochs): best member 5.3434, top-4 (= top-2) mixture 5.2589
       defaults (top1, 2 epochs), K=4        5.2688   88% retained, 2.05 epochs (8% of the population's cost)
@@ -73,7 +84,7 @@ import torch
 
 from . import engine as E
 from .config import ConfigError, RunConfig, apply_overrides, atomic_write_text, from_dict, read_config_file
-from .distill import mixture_distill_loss
+from .distill import cached_distill_loss, mixture_distill_loss, mixture_logp
 from .trainer import BaseTrainer, _rng_state, _set_rng_state
 
 # Applied to RUN/config.json before the user's overrides: one base, an ordinary warmup + cosine schedule
@@ -82,7 +93,9 @@ DEFAULTS = ["bases=1", "schedule.shape=cosine", "schedule.cycles=2", "schedule.c
             "schedule.cycle_steps=0", "schedule.warmup_steps=10", "schedule.wd_coupling=false",
             "train.small_batch=0", "distill.enabled=false", "distill.alpha=0.9", "distill.temperature=1.0",
             "perturb.enabled=false"]
-ENSEMBLE_OPTIONS = {"init": ("top1", ("top1", "scratch")), "max_engines": (8, None)}
+# name: (default, the allowed strings or the smallest allowed integer)
+ENSEMBLE_OPTIONS = {"init": ("top1", ("top1", "scratch", "avg")), "max_engines": (8, 1),
+                    "teacher_cache": (0, 0), "teacher_cache_dtype": ("float16", ("float16", "float32"))}
 SEED_OFFSET = 3000          # the student's own init seed and data order (baselines use +1000)
 SPEC = "teacher.json"
 
@@ -104,13 +117,14 @@ def _split_options(overrides):
         name = key[len("ensemble."):]
         if name not in ENSEMBLE_OPTIONS:
             raise ConfigError(f"unknown option {key}; valid: {', '.join('ensemble.' + k for k in ENSEMBLE_OPTIONS)}")
-        default, choices = ENSEMBLE_OPTIONS[name]
+        default, allowed = ENSEMBLE_OPTIONS[name]
         try:
             value = type(default)(raw)
         except ValueError:
             raise ConfigError(f"{key} must be {type(default).__name__}, got {raw!r}") from None
-        if (choices and value not in choices) or (isinstance(value, int) and value < 1):
-            raise ConfigError(f"{key}={raw} is invalid; use {' or '.join(choices) if choices else 'an integer >= 1'}")
+        if value not in allowed if isinstance(allowed, tuple) else value < allowed:
+            raise ConfigError(f"{key}={raw} is invalid; use "
+                              f"{' or '.join(allowed) if isinstance(allowed, tuple) else f'an integer >= {allowed}'}")
         opts[name] = value
     return opts, rest
 
@@ -132,15 +146,43 @@ def resolve(run, k: int, overrides=()) -> tuple[RunConfig, dict, dict]:
                           "not the chain (distill.alpha and distill.temperature apply to the mixture)")
     if cfg.bases != 1:
         raise ConfigError("distill-ensemble trains one student: bases must be 1")
+    if opts["teacher_cache"] and cfg.distill.alpha == 0:
+        raise ConfigError("ensemble.teacher_cache needs a teacher: distill.alpha is 0 (CE only); drop the option")
     prior = read_prior_json(run / "prior.json")
     idx, w = topk_weights(prior["weights"], k)
     ids = [prior["members"][i] for i in idx]
+    if opts["init"] == "avg":
+        check_one_trajectory(ids)
     snaps = [member_dir(run, m) for m in ids]
     metas = [read_meta(s) for s in snaps]
     spec = {"run": str(run.resolve()), "k": k, "members": ids, "weights": [float(x) for x in w],
             "member_sha256": [m["sha256"] for m in metas], "init": opts["init"],
             "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature}
+    if opts["teacher_cache"]:               # only then: teacher.json of an on-the-fly student stays as it was
+        spec.update(teacher_cache=opts["teacher_cache"], teacher_cache_dtype=opts["teacher_cache_dtype"])
     return cfg, spec, opts
+
+
+def check_one_trajectory(members):
+    """ensemble.init=avg averages weights, which only makes sense along ONE trajectory (one base)."""
+    bases = sorted({m.split("/")[0] for m in members})
+    if len(bases) > 1:
+        raise ConfigError(f"ensemble.init=avg averages the members' weights, but the top-{len(members)} members come "
+                          f"from {len(bases)} bases ({', '.join(bases)}): use ensemble.init=top1 or a K whose "
+                          "members share a base")
+
+
+def average_weights(state_dicts, weights) -> dict:
+    """sum_i w_i * sd_i per tensor, accumulated in float64, returned in float32 (the fp32 master the student
+    trains; set_trained_weights_ casts the module copy to the model dtype). The weights are used as given.
+    `state_dicts` may be a generator: one member's tensors alive at a time, plus the float64 sum."""
+    acc = None
+    for sd, w in zip(state_dicts, weights):
+        if acc is None:
+            acc = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in sd.items()}
+        for name, t in acc.items():
+            t += float(w) * sd[name].double()        # w * x rounded, then the sum: the plain formula
+    return {name: t.float() for name, t in acc.items()}
 
 
 def member_dir(run, member: str) -> Path:
@@ -221,26 +263,76 @@ class EnsembleDistillTrainer(BaseTrainer):
             raise ConfigError(f"the student's vocab ({self.model_config.vocab_size}) differs from the members' "
                               f"({teacher_config.vocab_size}); the KL is taken token by token")
         ds = E.student_ds_config(E.load_ds_config(cfg.ds_config), cfg, self.world)
-        rng = _rng_state()                        # building teachers must not move the training generators
-        mode = self._choose_teacher_mode(replicas=min(opts["max_engines"], len(snaps)))
-        self.mixture = MixtureTeacher(snaps, teacher_config, ds, opts["max_engines"], self.seed, mode, self.student)
-        _set_rng_state(rng)
         self.weights = torch.tensor(spec["weights"], dtype=torch.float64)
+
+        def make_mixture():
+            rng = _rng_state()                    # building teachers must not move the training generators
+            mode = self._choose_teacher_mode(replicas=min(opts["max_engines"], len(snaps)))
+            mixture = MixtureTeacher(snaps, teacher_config, ds, opts["max_engines"], self.seed, mode, self.student)
+            _set_rng_state(rng)
+            return mixture
+        self.mixture, self.cache, self.cache_build_s = None, None, None
+        if opts["teacher_cache"]:                 # targets from the cache; the members only run to build it
+            self.cache = self._open_cache(make_mixture)
+        else:
+            self.mixture = make_mixture()
+
+    def _open_cache(self, make_mixture):
+        """The teacher cache of this student (teacher_cache.py): reused when its header matches, else built now."""
+        from .teacher_cache import CacheReader, build, cache_key, read_header
+        t, n = self.cfg.train, self.opts["teacher_cache"]
+        key = cache_key(n, self.spec, self.opts["teacher_cache_dtype"], self.data.fingerprint, self.cfg.seed,
+                        t.seq_len, self.plan.sample_at(self.plan.total_steps), self.plan.total_steps)
+        where = Path(self.cfg.run_dir) / "teacher_cache"
+        header, err = None, None
+        try:
+            header = read_header(where, key)
+        except Exception as e:
+            err = e
+        self._agree(err)
+        if header is not None:
+            self._print(f"teacher cache: reusing {where} (top-{n}, {key['samples']} windows)")
+            return CacheReader(where, header)
+        self._print(f"teacher cache: computing the mixture's top-{n} for {key['samples']} windows -> {where}")
+        t0 = time.perf_counter()
+        mixture, T = make_mixture(), self.cfg.distill.temperature
+        dev = self.student.device
+        header = build(where, key, lambda start, count: self.data.train_samples(self.cfg.seed, self.base, start, count, t.seq_len),
+                       lambda x: mixture_logp(mixture.member_logits(x.to(dev)), self.weights, T),
+                       t.micro_batch, self.rank, self.world, self._agree)
+        self.cache_build_s = round(time.perf_counter() - t0, 3)
+        self._print(f"teacher cache: built in {self.cache_build_s:.1f} s ({len(header['shards'])} shards)")
+        return CacheReader(where, header)
 
     def _distilled(self, cyc) -> bool:
         return True
 
+    def _train_step(self, cyc) -> dict:
+        # the sample index of this rank's first window this step (BaseTrainer._train_step reads the same rows)
+        self._row = self.plan.sample_at(self.step) + self.rank * (cyc.batch // self.world)
+        return super()._train_step(cyc)
+
     def _loss(self, logits, inputs, labels, distilled: bool):
         d = self.cfg.distill
+        if self.cache is not None:               # micro-batches come in order: rows _row, _row + micro, ...
+            target = self.cache.read(self._row, inputs)
+            self._row += inputs.shape[0]
+            return cached_distill_loss(logits, target, labels, d.alpha, d.temperature)
         return mixture_distill_loss(logits, self.mixture.member_logits(inputs), self.weights, labels,
                                     d.alpha, d.temperature)
 
     def _resume(self):
         super()._resume()
-        if self.step == 0 and self.opts["init"] == "top1":    # a fresh start from the top-weighted member
-            from safetensors.torch import load_file
-            E.set_trained_weights_(self.student, load_file(member_dir(self.spec["run"], self.spec["members"][0]) / "model.safetensors"))
+        if self.step != 0:
+            return
+        from safetensors.torch import load_file
+        files = [member_dir(self.spec["run"], m) / "model.safetensors" for m in self.spec["members"]]
+        if self.opts["init"] == "top1":           # a fresh start from the top-weighted member
+            E.set_trained_weights_(self.student, load_file(files[0]))
             self._print(f"student initialised from {self.spec['members'][0]}")
+        elif self.opts["init"] == "avg":          # from the prior-weighted average of the K members' weights
+            E.set_trained_weights_(self.student, average_weights((load_file(f) for f in files), self.spec["weights"]))
+            self._print(f"student initialised from the weighted average of {', '.join(self.spec['members'])}")
 
     def _snapshot_meta(self, cyc) -> dict:
         meta = super()._snapshot_meta(cyc)
@@ -254,9 +346,12 @@ class EnsembleDistillTrainer(BaseTrainer):
 def student_recipe(cfg: RunConfig, spec: dict, opts: dict) -> dict:
     """How the student was trained, in one place of its snapshot.json (the full config is RUN/distilled/kK/config.json)."""
     s, o, t = cfg.schedule, cfg.optim, cfg.train
+    n = opts["teacher_cache"]
+    kl = (f"KL(top-{n} of p_mix + rest || p_student on the same {n} + 1 outcomes)" if n else "KL(p_mix || p_student)")
     return {"command": f"q0ds distill-ensemble --run {spec['run']} --k {spec['k']}",
-            "loss": "(1 - alpha) * CE + alpha * T^2 * KL(p_mix || p_student)", "alpha": cfg.distill.alpha,
+            "loss": f"(1 - alpha) * CE + alpha * T^2 * {kl}", "alpha": cfg.distill.alpha,
             "temperature": cfg.distill.temperature, "init": opts["init"], "max_engines": opts["max_engines"],
+            "teacher_cache": n, **({"teacher_cache_dtype": opts["teacher_cache_dtype"]} if n else {}),
             "seed": cfg.seed, "schedule": {"shape": s.shape, "cycles": s.cycles, "cycle_epochs": s.cycle_epochs,
                                            "cycle_steps": s.cycle_steps, "warmup_steps": s.warmup_steps},
             "optim": {"name": o.name, "lr": o.lr, "weight_decay": o.weight_decay},
@@ -392,16 +487,20 @@ def format_summary(s: dict) -> str:
 # ---------------------------------------------------------------- step time vs K
 def bench_step_time(run, configs=("0", "1", "2", "4", "4/1"), overrides=(), steps: int = 4, rounds: int = 3) -> dict:
     """Seconds per optimizer step for each config "K" (K resident teacher engines; "0" = the student alone,
-    CE) or "K/S" (K members through S swapped engines). All engines live in this process and are timed
-    round-robin (`rounds` x `steps` steps each), so machine noise hits every config alike."""
+    CE), "K/S" (K members through S swapped engines) or "K@N" (targets read from a top-N teacher cache, built
+    first for the whole plan: keep the plan small, e.g. schedule.cycle_steps=12; "cache_build_s" is its cost).
+    All engines live in this process and are timed round-robin (`rounds` x `steps` steps each), so machine
+    noise hits every config alike."""
     import statistics
     import tempfile
     trainers = {}
     with tempfile.TemporaryDirectory() as tmp:
         for c in configs:
-            k, _, slots = str(c).partition("/")
-            extra = (["distill.alpha=0"] if k == "0" else []) + ([f"ensemble.max_engines={slots}"] if slots else [])
-            cfg, spec, opts = resolve(run, max(int(k), 1), list(overrides) + extra + [f"run_dir={tmp}/{k}-{slots}"])
+            k, _, cache = str(c).partition("@")
+            k, _, slots = k.partition("/")
+            extra = (["distill.alpha=0"] if k == "0" else []) + ([f"ensemble.max_engines={slots}"] if slots else []) \
+                + ([f"ensemble.teacher_cache={cache}"] if cache else [])
+            cfg, spec, opts = resolve(run, max(int(k), 1), list(overrides) + extra + [f"run_dir={tmp}/{k}-{slots}-{cache}"])
             trainers[str(c)] = EnsembleDistillTrainer(cfg, spec, opts)
         times = {c: [] for c in trainers}
         for _ in range(rounds):
@@ -411,9 +510,11 @@ def bench_step_time(run, configs=("0", "1", "2", "4", "4/1"), overrides=(), step
                     tr._train_step(tr.plan.cycle_at(tr.step))
                     tr.step += 1
                     times[c].append(time.perf_counter() - t0)
+    mix = {c: tr.mixture if c != "0" else None for c, tr in trainers.items()}
     return {c: {"median_s": round(statistics.median(v), 3), "min_s": round(min(v), 3), "all_s": [round(x, 3) for x in v],
-                "teacher_engines": len(trainers[c].mixture.engines) if c != "0" else 0,
-                "weight_loads": trainers[c].mixture.loads if c != "0" else 0} for c, v in times.items()}
+                "teacher_engines": len(mix[c].engines) if mix[c] else 0, "weight_loads": mix[c].loads if mix[c] else 0,
+                **({"cache_build_s": trainers[c].cache_build_s} if trainers[c].cache is not None else {})}
+            for c, v in times.items()}
 
 
 # ---------------------------------------------------------------- launcher entry point
@@ -422,7 +523,8 @@ def main(argv=None) -> int:
     p.add_argument("--run", required=True)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
-    p.add_argument("--bench", default=None, help="e.g. 0,1,2,4,4/1: time steps vs K (K/S: S swapped engines)")
+    p.add_argument("--bench", default=None, help="e.g. 0,1,2,4,4/1,4@32: time steps vs K (K/S: S swapped engines; "
+                                                 "K@N: from a top-N teacher cache)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     from .errors import user_errors

@@ -102,3 +102,88 @@ def test_chunked_loss_keeps_the_logits_dtype_and_runs_without_grad():
     assert _rel(loss.detach(), ref) < 1e-5
     with torch.no_grad():
         assert torch.equal(distill_loss(s, t, y, 0.5, 1.0)[0], distill_loss(s, t, y, 0.5, 1.0)[0])
+
+
+# ---------------------------------------------------------------- truncated targets (ensemble.teacher_cache)
+def _truncated_reference(s, target, y, alpha, T):
+    """CE + the truncated KL through autograd (truncated_kl_rows), unchunked."""
+    from q0ds.distill import normalised, truncated_kl_rows
+    V = s.shape[-1]
+    keep = (y != -100).flatten()
+    kl = truncated_kl_rows(F.log_softmax(s / T, -1).reshape(-1, V), normalised(
+        type(target)(target.top_logp.reshape(-1, target.top_ids.shape[-1]), target.top_ids.reshape(-1, target.top_ids.shape[-1]),
+                     target.log_rest.reshape(-1))))[keep].mean()
+    return (1 - alpha) * F.cross_entropy(s.reshape(-1, V), y.flatten(), ignore_index=-100) + alpha * T * T * kl
+
+
+def test_top_n_equal_to_the_vocab_is_the_full_kl():
+    from q0ds.distill import cached_distill_loss, truncate_logp
+    y = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(4))
+    y[1, 2] = -100
+    for T in (1.0, 1.7):
+        t = truncate_logp(F.log_softmax(_logits(1) / T, -1), 11)
+        assert (t.log_rest <= -1e29).all()                        # the bucket is empty
+        s1, s2 = _logits(0).requires_grad_(), _logits(0).requires_grad_()
+        full, fp = distill_loss(s1, _logits(1), y, 0.8, T)
+        cut, cp = cached_distill_loss(s2, t, y, 0.8, T)
+        full.backward()
+        cut.backward()
+        assert torch.allclose(cut, full, atol=1e-6) and torch.allclose(cp["kl"], fp["kl"], atol=1e-6)
+        assert torch.allclose(s2.grad, s1.grad, atol=1e-7)
+
+
+def test_top_one_and_its_bucket_by_hand():
+    """q = (0.5, 0.3, 0.2) truncated to its top 1: (0.5 | rest 0.5). p = (0.2, 0.2, 0.6) collapses to (0.2 | 0.8).
+    KL = 0.5 ln(0.5/0.2) + 0.5 ln(0.5/0.8); dKL/dz = p - q on the top id, p_v (1 - 0.5/0.8) elsewhere."""
+    import math
+    from q0ds.distill import cached_distill_loss, truncate_logp
+    t = truncate_logp(torch.tensor([[[0.5, 0.3, 0.2]]]).log(), 1)
+    assert t.top_ids.tolist() == [[[0]]] and math.isclose(t.log_rest.exp().item(), 0.5, rel_tol=1e-6)
+    z = torch.tensor([[[0.2, 0.2, 0.6]]]).log().requires_grad_()
+    loss, parts = cached_distill_loss(z, t, torch.tensor([[2]]), alpha=1.0, temperature=1.0)
+    loss.backward()
+    assert math.isclose(loss.item(), 0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8), rel_tol=1e-6)
+    assert torch.allclose(z.grad, torch.tensor([[[0.2 - 0.5, 0.2 * 0.375, 0.6 * 0.375]]]), atol=1e-7)
+
+
+def test_chunked_truncated_loss_matches_autograd_with_finite_gradients():
+    from q0ds.distill import cached_distill_loss, truncate_logp
+    y = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(5))
+    y[0, 0] = -100
+    for scale, n, T in ((1.0, 1, 1.0), (1.0, 4, 1.3), (40.0, 10, 1.0), (40.0, 3, 2.0)):   # x40: saturated softmaxes
+        t = truncate_logp(F.log_softmax(_logits(1) * scale / T, -1), n)
+        s1, s2 = (_logits(0) * scale).requires_grad_(), (_logits(0) * scale).requires_grad_()
+        loss, _ = cached_distill_loss(s1, t, y, 0.7, T, chunk_elems=3 * 11)     # 3 rows a chunk: 4 chunks
+        ref = _truncated_reference(s2, t, y, 0.7, T)
+        loss.backward()
+        ref.backward()
+        assert torch.allclose(loss, ref, atol=1e-5, rtol=1e-5), (scale, n, T)
+        assert torch.isfinite(s1.grad).all() and torch.allclose(s1.grad, s2.grad, atol=1e-6), (scale, n, T)
+
+
+def test_a_half_precision_target_is_renormalised():
+    from q0ds.distill import TopK, cached_distill_loss, normalised, truncate_logp
+    t = truncate_logp(F.log_softmax(_logits(1), -1), 4)
+    half = TopK(t.top_logp.half(), t.top_ids.int(), t.log_rest)
+    n = normalised(half)
+    total = n.top_logp.exp().sum(-1) + n.log_rest.exp()
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
+    y = torch.zeros(2, 5, dtype=torch.long)
+    _, parts = cached_distill_loss(_logits(1), half, y, 1.0, 1.0)      # the teacher itself as the student
+    assert 0 <= parts["kl"] < 1e-5
+
+
+def test_truncation_error_shrinks_to_zero_as_n_reaches_the_vocab():
+    """Collapsing outcomes never raises a KL (data processing) and refining the partition never lowers it: the
+    truncated KL grows with n to the exact one, and the top-n mass to 1."""
+    from q0ds.distill import truncation_error
+    z = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 2
+    lq = F.log_softmax(torch.randn(64, 50, generator=torch.Generator().manual_seed(1)) * 2 / 1.5, -1)
+    m = truncation_error(z, lq, [1, 5, 20, 49, 50], temperature=1.5)
+    rows = [m["by_n"][n] for n in (1, 5, 20, 49, 50)]
+    errs = [r["abs_error"] for r in rows]
+    assert all(a >= b for a, b in zip(errs, errs[1:])) and errs[0] > 0.1 and errs[-1] < 1e-6
+    assert all(r["truncated_kl"] <= m["exact_kl"] + 1e-6 for r in rows)
+    assert [r["mass_mean"] for r in rows] == sorted(r["mass_mean"] for r in rows) and abs(rows[-1]["mass_min"] - 1) < 1e-6
+    assert rows[0]["grad_cosine"] < rows[2]["grad_cosine"] and rows[-1]["grad_cosine"] > 1 - 1e-6
+    assert m["rows"] == 64 and m["vocab"] == 50

@@ -85,10 +85,71 @@ def test_options_are_checked():
     from q0ds.config import ConfigError
     from q0ds.ensemble_distill import _split_options
     opts, rest = _split_options(["ensemble.init=top1", "ensemble.max_engines=2", "distill.alpha=0.5"])
-    assert opts == {"init": "top1", "max_engines": 2} and rest == ["distill.alpha=0.5"]
-    for bad in ("ensemble.init=best", "ensemble.max_engines=0", "ensemble.max_engines=x", "ensemble.k=3"):
+    assert opts == {"init": "top1", "max_engines": 2, "teacher_cache": 0, "teacher_cache_dtype": "float16"}
+    assert rest == ["distill.alpha=0.5"]
+    opts, _ = _split_options(["ensemble.init=avg", "ensemble.teacher_cache=32", "ensemble.teacher_cache_dtype=float32"])
+    assert (opts["init"], opts["teacher_cache"], opts["teacher_cache_dtype"]) == ("avg", 32, "float32")
+    for bad in ("ensemble.init=best", "ensemble.max_engines=0", "ensemble.max_engines=x", "ensemble.k=3",
+                "ensemble.teacher_cache=-1", "ensemble.teacher_cache_dtype=bfloat16"):
         with pytest.raises(ConfigError, match="ensemble"):
             _split_options([bad])
+
+
+def test_weight_average_refuses_members_of_several_bases():
+    from q0ds.config import ConfigError
+    from q0ds.ensemble_distill import check_one_trajectory
+    check_one_trajectory(["base-00/cycle-0003", "base-00/cycle-0001"])
+    with pytest.raises(ConfigError, match=r"2 bases \(base-00, base-03\): use ensemble.init=top1 or a K whose"):
+        check_one_trajectory(["base-00/cycle-0003", "base-03/cycle-0001", "base-00/cycle-0002"])
+
+
+# ---------------------------------------------------------------- the teacher cache's files (no engines)
+def _fake_stream(start, n, L=6, V=13):
+    """Window k of a fake stream: a deterministic function of k alone."""
+    k = torch.arange(start, start + n)[:, None]
+    return (k * 7 + torch.arange(L + 1) * 3) % V
+
+
+def _fake_teacher(calls):
+    def logp(inputs):
+        calls.append(inputs.shape[0])
+        return F.log_softmax(torch.sin(inputs[..., None].float() * torch.arange(1, 14)) * 4, -1)
+    return logp
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_teacher_cache_shards_read_back_by_sample_across_shards(tmp_path, monkeypatch, world):
+    """7 samples in shards of 3: every rank runs the same number of teacher forwards, any read (also one that
+    straddles two shards) returns the truncation of the teacher on exactly those windows; a read of other
+    windows, a changed key or a missing shard is refused naming the file."""
+    from q0ds import teacher_cache as C
+    from q0ds.config import ConfigError
+    from q0ds.distill import truncate_logp
+    monkeypatch.setattr(C, "SHARD_BYTES", 3 * 6 * (6 * 4 + 8))
+    spec = {"k": 2, "members": ["base-00/cycle-0001", "base-00/cycle-0000"], "member_sha256": ["a", "b"],
+            "weights": [0.6, 0.4], "temperature": 1.0}
+    key = C.cache_key(4, spec, "float32", "data-fp", 3000, 6, samples=7, steps=3)
+    assert key["shard_samples"] == 3
+    calls = {r: [] for r in range(world)}
+    for rank in reversed(range(world)):               # rank 0 last: it writes the header once all shards exist
+        header = C.build(tmp_path, key, _fake_stream, _fake_teacher(calls[rank]), batch=2, rank=rank, world=world)
+    assert [s["file"] for s in header["shards"]] == [C.shard_name(i) for i in range(3)]
+    assert len({len(c) for c in calls.values()}) == 1                  # the same number of forwards per rank
+    reader = C.CacheReader(tmp_path, C.read_header(tmp_path, key))
+    for start, n in ((0, 7), (2, 3), (5, 2), (4, 1)):
+        got = reader.read(start, _fake_stream(start, n)[:, :-1])
+        ref = truncate_logp(_fake_teacher([])(_fake_stream(start, n)[:, :-1]), 4)
+        assert torch.equal(got.top_logp, ref.top_logp) and torch.equal(got.top_ids, ref.top_ids.int())
+        assert torch.equal(got.log_rest, ref.log_rest)
+    with pytest.raises(ConfigError, match="other windows than samples 2..4"):
+        reader.read(2, _fake_stream(3, 3)[:, :-1])
+    with pytest.raises(ConfigError, match="holds samples 0..6"):
+        reader.read(6, _fake_stream(6, 2)[:, :-1])
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'header.json'}.*n differ.*delete"):
+        C.read_header(tmp_path, dict(key, n=5))
+    (tmp_path / C.shard_name(1)).unlink()
+    with pytest.raises(ConfigError, match="shard-00001.safetensors is missing"):
+        C.read_header(tmp_path, key)
 
 
 # ---------------------------------------------------------------- a tiny population
@@ -313,3 +374,101 @@ def test_q0ds_eval_and_lm_eval_accept_the_student(distilled, tmp_path):
         json.loads((d / "snapshot.json").read_text())["val_loss"] for d in (student / "bases/base-00/snapshots").iterdir()]
     p = run_cli("lm-eval", "--run", student, "--k", "1", "--tasks", "q0ds_ppl", "--limit", "2")
     assert "q0ds_ppl" in p.stdout
+
+
+# ---------------------------------------------------------------- ensemble.init=avg and ensemble.teacher_cache
+@pytest.fixture(scope="module")
+def mixed(population, tmp_path_factory):
+    """The population's fitted prior puts all its weight on one member; this copy of the run (its snapshots
+    linked) has the prior 0.2 / 0.3 / 0.5, so the top-2 and top-3 mixtures are real mixtures."""
+    import math
+    import shutil
+    run = tmp_path_factory.mktemp("mixed") / "run"
+    run.mkdir()
+    shutil.copy(population / "config.json", run / "config.json")
+    (run / "bases").symlink_to(population / "bases")
+    prior = json.loads((population / "prior.json").read_text())
+    prior.update(weights=[0.2, 0.3, 0.5], logits=[math.log(w) for w in (0.2, 0.3, 0.5)])
+    (run / "prior.json").write_text(json.dumps(prior))
+    return run
+
+
+def test_avg_init_is_the_weighted_float64_average_of_the_members(mixed, in_process, tmp_path):
+    """Step-0 fp32 master of an init=avg student == sum_i w_i * member_i computed by hand in float64, cast to fp32."""
+    from safetensors.torch import load_file
+    from q0ds.ensemble_distill import EnsembleDistillTrainer, member_dir, resolve
+    E = in_process
+    cfg, spec, opts = resolve(mixed, 3, [*STUDENT, "ensemble.init=avg", f"run_dir={tmp_path / 'avg'}"])
+    trainer = EnsembleDistillTrainer(cfg, spec, opts)
+    trainer._resume()
+    got = E.full_fp32_params(trainer.student)
+    members = [load_file(member_dir(mixed, m) / "model.safetensors") for m in spec["members"]]
+    w = spec["weights"]
+    assert w == [0.5, 0.3, 0.2] and spec["init"] == "avg"
+    for name, value in got.items():
+        ref = (w[0] * members[0][name].double() + w[1] * members[1][name].double()
+               + w[2] * members[2][name].double()).float()
+        assert torch.equal(value, ref), name
+        assert not torch.equal(value, members[0][name])
+
+
+def test_avg_init_refuses_a_top_k_from_several_bases(population, tmp_path):
+    import shutil
+    from q0ds.config import ConfigError
+    from q0ds.ensemble_distill import resolve
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(population / "config.json", run / "config.json")
+    prior = json.loads((population / "prior.json").read_text())
+    prior["members"] = [m.replace("base-00/cycle-0000", "base-01/cycle-0000") for m in prior["members"]]
+    (run / "prior.json").write_text(json.dumps(prior))
+    with pytest.raises(ConfigError, match=r"3 bases|2 bases \(base-00, base-01\)"):
+        resolve(run, 3, ["ensemble.init=avg"])
+
+
+def _losses(out: Path):
+    return [(r["step"], r["loss"], r["kl"]) for r in
+            map(json.loads, (out / "bases/base-00/metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.slow
+def test_a_cache_of_the_whole_vocab_gives_the_on_the_fly_losses(mixed, tmp_path):
+    out, cached = tmp_path / "on_the_fly", tmp_path / "cached"
+    run_cli("distill-ensemble", "--run", mixed, "--k", "2", *STUDENT, f"run_dir={out}")
+    p = run_cli("distill-ensemble", "--run", mixed, "--k", "2", *STUDENT, f"run_dir={cached}",
+                "ensemble.teacher_cache=512", "ensemble.teacher_cache_dtype=float32")
+    assert "teacher cache: computing the mixture's top-512 for 48 windows" in p.stdout
+    ref, got = _losses(out), _losses(cached)
+    assert len(got) == len(ref) == 6 and [s for s, *_ in got] == [s for s, *_ in ref]
+    for (_, l1, k1), (_, l2, k2) in zip(ref, got):
+        assert abs(l1 - l2) < 1e-5 and abs(k1 - k2) < 1e-5
+    assert json.loads((_final(cached) / "snapshot.json").read_text())["val_loss"] == pytest.approx(
+        json.loads((_final(out) / "snapshot.json").read_text())["val_loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_small_cache_trains_resumes_exactly_from_the_same_file_and_refuses_a_tampered_header(mixed, tmp_path):
+    """N=4 (fp16): uninterrupted vs pre-empted at step 2 and relaunched: the relaunch reuses the cache file (same
+    mtime, no recomputation) and ends on the same weights; the snapshot's recipe records the cache."""
+    common = ["distill-ensemble", "--run", mixed, "--k", "2", *STUDENT, "ensemble.teacher_cache=4"]
+    ref, other = tmp_path / "ref", tmp_path / "other"
+    run_cli(*common, f"run_dir={ref}")
+    shard = other / "teacher_cache" / "shard-00000.safetensors"
+    assert run_cli(*common, f"run_dir={other}", env={"Q0DS_FAULT": "preempt_at_step=2"}, check=False).returncode == 75
+    mtime = shard.stat().st_mtime_ns
+    p = run_cli(*common, f"run_dir={other}")
+    assert "teacher cache: reusing" in p.stdout and "computing" not in p.stdout and shard.stat().st_mtime_ns == mtime
+    assert "resumed base 0 from step-00000002" in p.stdout
+    meta = json.loads((_final(other) / "snapshot.json").read_text())
+    assert meta["sha256"] == json.loads((_final(ref) / "snapshot.json").read_text())["sha256"]
+    assert _losses(other) == _losses(ref) and all(kl > 0 for *_, kl in _losses(ref))
+    assert meta["recipe"]["teacher_cache"] == 4 and meta["recipe"]["teacher_cache_dtype"] == "float16"
+    assert "top-4 of p_mix" in meta["recipe"]["loss"] and meta["distilled_from"]["teacher_cache"] == 4
+    header = other / "teacher_cache" / "header.json"
+    h = json.loads(header.read_text())
+    assert (h["n"], h["k"], h["dtype"], h["samples"], h["steps"]) == (4, 2, "float16", 48, 6)
+    h["samples"] = 40
+    header.write_text(json.dumps(h))
+    p = run_cli(*common, f"run_dir={other}", check=False)
+    assert p.returncode == 2 and f"teacher cache {header} does not match this launch (samples differ)" in p.stderr
+    assert "Traceback" not in p.stderr
