@@ -289,13 +289,14 @@ def curves(args, C, by, fm, of) -> list[dict]:
         key = dr_arms.settings_key(dict(s, epochs=0))
         ln = lines.setdefault(key, {"family": key, "kind": "student", "arms": [], "points": []})
         ln["arms"].append(r["arm"])
-        ln["points"].append({"epochs": s["epochs"], "retained": r["retained"], "n": r["n"],
+        ep = r["student_epochs"]["mean"]                    # actual epochs (cycles x --student-cycle-epochs)
+        ln["points"].append({"epochs": ep, "retained": r["retained"], "n": r["n"],
                              "compute_share": r["compute_share"]})
         c = dr_arms.control_settings(s, K0)
         ckey = "control-" + dr_arms.settings_key(dict(c, epochs=0))
         cl = lines.setdefault(ckey, {"family": ckey, "kind": "control", "arms": [], "points": []})
-        if all(p["epochs"] != s["epochs"] for p in cl["points"]):
-            cl["points"].append({"epochs": s["epochs"], "retained": r["control_retained"], "n": r["n"]})
+        if all(p["epochs"] != ep for p in cl["points"]):
+            cl["points"].append({"epochs": ep, "retained": r["control_retained"], "n": r["n"]})
     for ln in lines.values():
         ln["points"].sort(key=lambda p: p["epochs"])
         ln["label"] = ("no-teacher control, " if ln["kind"] == "control" else "") + ln["family"].replace("-ep0", "")
@@ -316,18 +317,24 @@ def saturation(line: dict | None) -> dict | None:
 def goal_check(args, grid_rows, selection, of) -> dict:
     cells = {}
     for cell, rows in grid_rows.items():
-        ok = [r for r in rows if r["fitness_retained"] and r["compute_share"]["mean"] <= GOAL_COMPUTE_SHARE]
-        if not ok:
+        if not rows:
             cells[cell] = None
             continue
-        pick = max(ok, key=lambda r: r["fitness_retained"]["mean"])
+        capped = [r for r in rows if r["compute_share"]["mean"] <= GOAL_COMPUTE_SHARE]
+        pool = capped or rows             # nothing within the cap: report the cheapest-best anyway, flagged
+        scored = [r for r in pool if r["fitness_retained"]]
+        pick = (max(scored, key=lambda r: r["fitness_retained"]["mean"]) if scored
+                else min(pool, key=lambda r: r["compute_share"]["mean"]))
         v = pick["retained"]
-        cells[cell] = {"arm": pick["arm"], "chosen_on": "fitness retention", "n": pick["n"], "retained": v,
-                       "compute_share": pick["compute_share"]["mean"],
-                       "meets_mean": bool(v and v["mean"] >= GOAL_RETENTION),
-                       "meets_interval": bool(v and v["lo"] is not None and v["lo"] >= GOAL_RETENTION)}
+        within = pick["compute_share"]["mean"] <= GOAL_COMPUTE_SHARE
+        cells[cell] = {"arm": pick["arm"], "chosen_on": "fitness retention" if scored else "none (no fitness gain)",
+                       "n": pick["n"], "retained": v, "compute_share": pick["compute_share"]["mean"],
+                       "within_compute_cap": within,
+                       "meets_mean": bool(within and v and v["mean"] >= GOAL_RETENTION),
+                       "meets_interval": bool(within and v and v["lo"] is not None and v["lo"] >= GOAL_RETENTION)}
     done = [c for c in cells.values() if c]
-    best = max(done, key=lambda c: c["retained"]["mean"] if c["retained"] else -1e9) if done else None
+    scored = [c for c in done if c["retained"]]
+    best = max(scored, key=lambda c: (c["within_compute_cap"], c["retained"]["mean"])) if scored else None
     return {"goal": f"retained >= {GOAL_RETENTION:.0%} with the student's extra compute <= {GOAL_COMPUTE_SHARE:.0%} "
                     "of the population's training FLOPs, every (budget, K) cell",
             "cells": cells, "all_cells_complete": len(done) == len(cells) and all(c["n"] == args.seeds for c in done),
@@ -343,7 +350,10 @@ def statements(args, res) -> list[str]:
     else:
         for fam, f in sel["families"].items():
             d = f["winner_minus_ref_fitness_retained"]
-            if f["winner"] == "ref":
+            if all(v["fitness_retained"] is None for v in f["candidates"].values()):
+                out.append(f"{fam}: undecided (no fitness retention: the mixture does not beat the best member on "
+                           "fitness); the default stays.")
+            elif f["winner"] == "ref":
                 out.append(f"{fam}: the reference ({f['setting']}={dr_arms.REFERENCE[f['setting']]}) is best on "
                            "fitness retention; the data supports keeping the default.")
             else:
@@ -353,8 +363,11 @@ def statements(args, res) -> list[str]:
                            + ("; the interval excludes 0: the data supports changing the default." if f["separated"]
                               else "; the interval includes 0: not separated from the reference at this n."))
     g = res["goal_check"]
-    if g["best"] is None:
+    if not any(g["cells"].values()):
         out.append("Goal: no complete (budget, K) cell yet.")
+    elif g["best"] is None:
+        out.append("Goal: no retention to judge: in the complete cells the top-K mixture does not beat the best "
+                   "member (fitness-chosen) on val.")
     elif g["met_everywhere_by_mean"]:
         out.append(f"Goal met by the mean at every cell (>= {GOAL_RETENTION:.0%} within the compute cap); see the "
                    "interval column for whether it holds at the lower bound.")
@@ -362,7 +375,8 @@ def statements(args, res) -> list[str]:
         b = g["best"]
         sat = res["saturation"]
         out.append(f"Goal not met everywhere: best retention {b['retained']['mean']:.1%} (arm {b['arm']}, chosen on "
-                   f"fitness, n = {b['n']}, compute share {b['compute_share']:.1%})."
+                   f"fitness, n = {b['n']}, compute share {b['compute_share']:.1%}"
+                   + ("" if b["within_compute_cap"] else f", ABOVE the {GOAL_COMPUTE_SHARE:.0%} cap") + ")."
                    + ("" if not sat else f" The reference's retention-vs-length curve saturates at "
                       f"{sat['saturates_at_epochs']:g} student epochs ({sat['retained']:.1%})." if sat["saturates_at_epochs"]
                       else f" The reference's curve has not saturated up to {sat['up_to_epochs']:g} epochs "
@@ -504,11 +518,12 @@ def markdown(res: dict) -> str:
         L += (_rows_table(rows) if rows else ["No complete cell yet."]) + [""]
     g = res["goal_check"]
     L += ["## Goal check", "", f"{g['goal']}; per cell the arm with the best FITNESS retention within the cap.", "",
-          "| cell | arm | n | retained (val) | extra compute | mean >= goal | lower bound >= goal |",
-          "|---|---|---|---|---|---|---|"]
+          "| cell | arm | n | retained (val) | extra compute | within cap | mean >= goal | lower bound >= goal |",
+          "|---|---|---|---|---|---|---|---|"]
     for cell, c in g["cells"].items():
-        L.append(f"| {cell} | - | 0 | - | - | - | - |" if c is None else
+        L.append(f"| {cell} | - | 0 | - | - | - | - | - |" if c is None else
                  f"| {cell} | {c['arm']} | {c['n']} | {_pct(c['retained'])} | {c['compute_share']:.1%} | "
+                 f"{'yes' if c['within_compute_cap'] else 'no'} | "
                  f"{'yes' if c['meets_mean'] else 'no'} | {'yes' if c['meets_interval'] else 'no'} |")
     L += ["", "## Retention vs student epochs", "", "![curve](distill_retention.png)", ""]
     for ln in res["curves"]:
@@ -538,7 +553,8 @@ def plot(res: dict, path: Path) -> None:
     a.set_ylabel("gain retained (val)")
     of = res["one_factor"]
     a.set_title(f"budget {of['budget']:g}, K = {of['k']} (95% t intervals)")
-    a.legend(fontsize=7)
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=7)
     cells = [(c, r) for c, rows in res["grid"].items() for r in rows if r["retained"]]
     arms = sorted({r["arm"] for _, r in cells})
     names = list(res["grid"])
@@ -555,5 +571,6 @@ def plot(res: dict, path: Path) -> None:
     b.set_xticks([i + 0.4 - w / 2 for i in range(len(names))], names)
     b.set_ylabel("gain retained (val)")
     b.set_title("every (budget, K) cell")
-    b.legend(fontsize=7)
+    if arms:
+        b.legend(fontsize=7)
     save_figure(fig, path)
