@@ -22,6 +22,7 @@ from benchmarks import de_jobs, dr_arms
 from benchmarks.common import write_json
 
 GOAL_RETENTION, GOAL_COMPUTE_SHARE = 0.80, 0.25
+MIN_GAIN_NATS = 1e-4            # a mixture gain below this leaves retention undefined (None)
 SATURATION_STEP = 0.05          # the retention curve saturates where the next doubling adds less than this
 # two-sided 95% Student t quantiles t_{0.975, df} (scipy.stats.t.ppf(0.975, df), rounded to 4 digits)
 T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.3646, 8: 2.3060, 9: 2.2622,
@@ -48,9 +49,11 @@ def ci(xs) -> dict | None:
 
 
 def retention(best: float, model: float, mixture: float):
-    """(best member - model) / (best member - mixture); None when the mixture does not beat the best member."""
+    """(best member - model) / (best member - mixture); None when the mixture does not beat the best member by
+    more than MIN_GAIN_NATS (a prior that puts all weight on the best member gives a 'gain' of float rounding,
+    and a ratio over it is noise)."""
     gain = best - mixture
-    return (best - model) / gain if gain > 0 else None
+    return (best - model) / gain if gain > MIN_GAIN_NATS else None
 
 
 def _nll(p) -> float:
@@ -356,6 +359,12 @@ def statements(args, res) -> list[str]:
             elif f["winner"] == "ref":
                 out.append(f"{fam}: the reference ({f['setting']}={dr_arms.REFERENCE[f['setting']]}) is best on "
                            "fitness retention; the data supports keeping the default.")
+            elif f["candidates"]["ref"]["compute_share"] > GOAL_COMPUTE_SHARE:
+                c = f["candidates"]
+                out.append(f"{fam}: {f['setting']}={f['value']} ({f['winner']}) is chosen because the reference's "
+                           f"compute share ({c['ref']['compute_share']:.1%}) is above the {GOAL_COMPUTE_SHARE:.0%} cap; "
+                           f"fitness retention {c[f['winner']]['fitness_retained']:.1%} vs the reference's "
+                           + (f"{c['ref']['fitness_retained']:.1%}." if c['ref']['fitness_retained'] is not None else "-."))
             else:
                 out.append(f"{fam}: {f['setting']}={f['value']} ({f['winner']}) beats the reference on fitness "
                            f"retention by {d['mean']:+.1%}" + (f" [{d['lo']:+.1%}, {d['hi']:+.1%}]" if d["lo"] is not None
@@ -378,8 +387,8 @@ def statements(args, res) -> list[str]:
                    f"fitness, n = {b['n']}, compute share {b['compute_share']:.1%}"
                    + ("" if b["within_compute_cap"] else f", ABOVE the {GOAL_COMPUTE_SHARE:.0%} cap") + ")."
                    + ("" if not sat else f" The reference's retention-vs-length curve saturates at "
-                      f"{sat['saturates_at_epochs']:g} student epochs ({sat['retained']:.1%})." if sat["saturates_at_epochs"]
-                      else f" The reference's curve has not saturated up to {sat['up_to_epochs']:g} epochs "
+                      f"{sat['saturates_at_epochs']:.3g} student epochs ({sat['retained']:.1%})." if sat["saturates_at_epochs"]
+                      else f" The reference's curve has not saturated up to {sat['up_to_epochs']:.3g} epochs "
                            f"({sat['retained']:.1%})."))
     return out
 
@@ -428,8 +437,9 @@ def report(args, data_info: dict, runs, command: str) -> dict:
             "best member: the population member with the lowest FITNESS loss (never val); "
             "'retained_vs_val_oracle_best' uses the val-best member instead (an oracle, for comparison), as does "
             "q0ds distill-ensemble's own distill_report.json (command_report in the ledger).",
-            "the budget-E population is the first E epochs of one 64-epoch q0 run per seed (hard-linked snapshots, "
-            "prior refitted by `q0ds fit-prior` on them), as in the data-efficiency benchmark.",
+            f"the budget-E population is the first E epochs of one {max(args.budgets):g}-epoch q0 run per seed "
+            "(hard-linked snapshots, prior refitted by `q0ds fit-prior` on them), as in the data-efficiency benchmark.",
+            f"retention is undefined (-) where the mixture beats the best member by <= {MIN_GAIN_NATS:g} nats.",
             "mixture: the prior-weighted top-K (weights renormalised), the students' teacher.",
             "fitness_retained uses fitness NLLs: the prior and the best member are fitted/chosen on that set, so it is "
             "in-sample for the teacher side; it is the selection criterion, val/test are the reported figures.",
@@ -527,7 +537,7 @@ def markdown(res: dict) -> str:
                  f"{'yes' if c['meets_mean'] else 'no'} | {'yes' if c['meets_interval'] else 'no'} |")
     L += ["", "## Retention vs student epochs", "", "![curve](distill_retention.png)", ""]
     for ln in res["curves"]:
-        L.append(f"- {ln['label']}: " + ", ".join(f"{p['epochs']:g} ep {_pct(p['retained'])} (n={p['n']})"
+        L.append(f"- {ln['label']}: " + ", ".join(f"{p['epochs']:.3g} ep {_pct(p['retained'])} (n={p['n']})"
                                                    for p in ln["points"]))
     L += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(L) + "\n"
