@@ -164,7 +164,9 @@ def plan(args, data) -> int:
         done = de_jobs.complete(r)
         tot += 0 if done else c
         print(f"  {r.name:<44} tier {r.tier} est. {c:6.1f} units{'  (done)' if done else ''}", flush=True)
-    msg = f"[distill_retention] {len(known)} runs; left: {tot:.0f} epoch-units ~ {tot * SECONDS_PER_UNIT / 3600:.1f} h"
+    h = SECONDS_PER_UNIT / 3600
+    msg = (f"[distill_retention] {len(known)} runs; left: {tot:.0f} epoch-units = {tot * h:.1f} h of job time, "
+           f"about {tot * h / args.parallel:.1f} h wall with {args.parallel} jobs side by side")
     if de_jobs.LEDGER.doc.get("selection") is None:
         # the selected settings are unknown until the one-factor phase ends: bound them by the costliest choice
         worst = {"families": {}}
@@ -177,10 +179,11 @@ def plan(args, data) -> int:
         extra = [r for r in dr_arms.student_runs(args, dr_arms.population_runs(args, data), worst)
                  if r.name not in {k.name for k in known}]
         up = sum(cost(r, args) for r in extra)
-        msg += (f" + the selected settings at every (budget, K) cell, up to {up:.0f} units ({len(extra)} jobs) if "
-                f"every family picks its costliest variant: at most {(tot + up) * SECONDS_PER_UNIT / 3600:.1f} h")
-    print(msg + f" with {args.parallel} jobs side by side: divide by about {args.parallel} "
-          f"({SECONDS_PER_UNIT} s per unit: the data-efficiency ledger's measured 64-epoch population)", flush=True)
+        msg += (f"; then the settings chosen on fitness at every (budget, K) cell: at most {up:.0f} units more "
+                f"({len(extra)} jobs, if every knob picks its costliest variant), so at most {(tot + up) * h:.1f} h "
+                f"of job time, about {(tot + up) * h / args.parallel:.1f} h wall")
+    print(msg + f" ({SECONDS_PER_UNIT} s per unit: the data-efficiency ledger's measured 64-epoch population "
+          "on this machine's 2 shared cores)", flush=True)
     return 0
 
 
