@@ -128,6 +128,22 @@ def parse_args(argv=None):
     return a
 
 
+def unsupported_arms(args) -> dict:
+    """Arms whose ensemble.* options this checkout's `q0ds distill-ensemble` refuses (its own option parser), e.g.
+    init-avg and cache32 before branch `cache` is merged: arm -> the error."""
+    from q0ds.config import ConfigError
+    from q0ds.ensemble_distill import _split_options
+    out = {}
+    for arm in args.arms:
+        ov = [o for o in dr_arms.overrides_of(dr_arms.settings_of(arm), args.student_cycle_epochs)
+              if o.startswith("ensemble.")]
+        try:
+            _split_options(ov)
+        except ConfigError as e:
+            out[arm] = str(e)
+    return out
+
+
 def command_of(argv) -> str:
     """The command that trains (and reports) this study: argv without --report-only / --plan-only."""
     argv = list(argv if argv is not None else sys.argv[1:])
@@ -221,6 +237,15 @@ def main(argv=None) -> int:
         return runs
 
     info = data_info(data, dr_arms.population_runs(args, data)[0].cfg)
+    bad = unsupported_arms(args)
+    if bad and not args.report_only:
+        lines = "\n".join(f"  {a}: {e}" for a, e in bad.items())
+        msg = (f"[distill_retention] this checkout's q0ds distill-ensemble refuses {len(bad)} arm(s):\n{lines}\n"
+               f"merge the branch that adds them, or leave them out: --arms "
+               f"{','.join(a for a in args.arms if a not in bad)}")
+        if not args.plan_only:
+            raise SystemExit(msg)
+        print(msg, flush=True)
     if args.plan_only:
         return plan(args, data)
     runs = get_runs()
