@@ -95,3 +95,16 @@ def test_distill_retention_quick(embedded_data, tmp_path):
     assert again["one_factor"] == res["one_factor"] and again["grid"] == res["grid"]
     _run(args2 + ["--report-only"])
     assert (out / "distill_retention.json").read_bytes() == first
+
+
+def test_interval_is_de_honests_t_interval():
+    """dr_report.ci (a t table: scipy is not a dependency) equals benchmarks/de_honest.py's ci() where scipy exists."""
+    pytest.importorskip("scipy")
+    from benchmarks.de_honest import ci as honest
+    from benchmarks.dr_report import ci, retention
+    for xs in ([0.5, 0.7], [0.61, 0.83, 0.72], [0.1 * i for i in range(1, 14)]):
+        a, b = ci(xs), honest(xs)
+        assert a["n"] == b["n"] and a["mean"] == b["mean"]
+        assert a["lo"] == pytest.approx(b["lo"], abs=1e-4) and a["hi"] == pytest.approx(b["hi"], abs=1e-4)
+    assert ci([0.4])["lo"] is None and ci([None]) is None
+    assert retention(5.0, 4.95, 4.9) == pytest.approx(0.5) and retention(5.0, 4.9, 5.0 - 1e-6) is None
