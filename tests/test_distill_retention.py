@@ -1,0 +1,110 @@
+"""Smoke test of benchmarks/distill_retention.py (issue 21) in its --quick setting (tiny model, one seed, one
+population through the real deepspeed launcher, its two prefix populations made by hard links + `q0ds fit-prior`,
+3 one-factor arms + no-teacher controls through `q0ds distill-ensemble`, the fitness-chosen grid): the JSON's
+structure; every retention, control retention and compute share recomputed from the numbers the ledger stores
+(the formula); a rerun in an EMPTY work dir trains nothing (the ledger); `--report-only` writes the same JSON
+byte for byte."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args, timeout=600):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "distill_retention.py"), *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=timeout, env=env)
+    assert p.returncode == 0, f"{p.stdout[-4000:]}\n{p.stderr[-5000:]}"
+    return p.stdout
+
+
+def _ret(best, model, mix):
+    from benchmarks.dr_report import MIN_GAIN_NATS
+    return (best - model) / (best - mix) if best - mix > MIN_GAIN_NATS else None
+
+
+@pytest.mark.slow
+def test_distill_retention_quick(embedded_data, tmp_path):
+    out = tmp_path / "out"
+    common = ["--quick", "--data", embedded_data, "--out", out]
+    stdout = _run(common + ["--work", tmp_path / "w1"])
+    assert "start pop-s0" in stdout and "population pop-E" in stdout
+    res = json.loads((out / "distill_retention.json").read_text())
+    ledger = json.loads((out / "distill_retention_ledger.json").read_text())
+    for png in ("distill_retention.png",):
+        assert (out / png).stat().st_size > 1000
+    assert "## Goal check" in (out / "distill_retention.md").read_text()
+    assert res["incomplete_runs"] == [] and res["cells_complete"] == res["cells_planned"] > 0
+
+    # populations: the prefix (first budget) is a strict prefix of the last one, snapshot by snapshot
+    st = res["settings"]
+    E0, E1 = (f"{E:g}" for E in st["budgets"])
+    p0, p1 = res["populations"][E0]["0"], res["populations"][E1]["0"]
+    assert p0["members"] == round(st["budgets"][0] / st["cycle_epochs"]) < p1["members"]
+    assert p1["snapshots"][:p0["members"]] == [dict(r, prior_weight=q["prior_weight"]) for r, q in
+                                               zip(p0["snapshots"], p1["snapshots"])]
+    for p in (p0, p1):
+        assert p["prefix"]["members"] == [r["member"] for r in p["snapshots"]]
+        assert abs(sum(r["prior_weight"] for r in p["snapshots"]) - 1) < 1e-6
+        bf = min(p["snapshots"], key=lambda r: r["fitness_loss"])
+        assert p["best_on_fitness"]["member"] == bf["member"] and p["best_on_fitness"]["val_loss"] == bf["val_loss"]
+        assert p["best_on_val_oracle"]["val_loss"] == min(r["val_loss"] for r in p["snapshots"])
+        assert len(p["topk"]["2"]["members"]) == 2
+
+    # every row's numbers from the ledger's stored numbers, by the formula
+    of = res["one_factor"]
+    assert [r["arm"] for r in of["rows"]] == ["ref", "T2", "ep1"] and all(r["n"] == 1 for r in of["rows"])
+    rows = of["rows"] + [r for rs in res["grid"].values() for r in rs]
+    assert {c for c in res["grid"]} == {f"E{E0}/k2", f"E{E1}/k2"} and all(res["grid"].values())
+    fm = res["flop_model"]
+    from benchmarks import dr_arms
+    for r in rows:
+        s, E = r["settings"], r["budget"]
+        pop = res["populations"][f"{E:g}"]["0"]
+        stud = ledger["runs"][dr_arms.student_name(E, s, 0)]["eval"]["student"]
+        ctl = ledger["runs"][dr_arms.control_name(E, dr_arms.control_settings(s, 2), 0)]["eval"]["student"]
+        assert ctl["command_report"]["alpha"] == 0.0 and stud["command_report"]["alpha"] == s["alpha"]
+        best, mix = pop["best_on_fitness"]["val_loss"], pop["topk"]["2"]["val_loss"]
+        seed = r["per_seed"]["0"]
+        assert seed["student_val"] == stud["val_loss"] and seed["mixture_val"] == mix and seed["best_member_val"] == best
+        for key, want in (("retained", _ret(best, stud["val_loss"], mix)),
+                          ("control_retained", _ret(best, ctl["val_loss"], mix)),
+                          ("fitness_retained", _ret(pop["best_on_fitness"]["fitness_loss"], stud["fitness_loss"],
+                                                    pop["topk"]["2"]["fitness_loss"]))):
+            assert seed[key] == pytest.approx(want) if want is not None else seed[key] is None, key
+            assert (r[key] or {}).get("mean") == seed[key] if seed[key] is not None else r[key] is None
+        share = stud["epochs_actual"] * (fm["train_per_token"] + 2 * fm["forward_per_token"]) / (
+            pop["epochs_actual"] * fm["train_per_token"] + pop["teacher_epochs_actual"] * fm["forward_per_token"])
+        assert seed["compute_share"] == pytest.approx(share)
+        assert seed["teacher_effect_val"] == pytest.approx(ctl["val_loss"] - stud["val_loss"])
+    assert res["selection"]["families"].keys() == {"temperature", "length"}
+    assert res["curves"] and res["statement"]
+
+    # a later session with an empty work dir: everything is in the ledger, nothing is trained
+    args2 = common + ["--work", tmp_path / "w2"]
+    stdout = _run(args2)
+    assert "0 base job(s) to train now" in stdout and "start " not in stdout, stdout[-3000:]
+    assert not (tmp_path / "w2" / "students").exists()
+    first = (out / "distill_retention.json").read_bytes()
+    again = json.loads(first)
+    assert again["one_factor"] == res["one_factor"] and again["grid"] == res["grid"]
+    _run(args2 + ["--report-only"])
+    assert (out / "distill_retention.json").read_bytes() == first
+
+
+def test_interval_is_de_honests_t_interval():
+    """dr_report.ci (a t table: scipy is not a dependency) equals benchmarks/de_honest.py's ci() where scipy exists."""
+    pytest.importorskip("scipy")
+    from benchmarks.de_honest import ci as honest
+    from benchmarks.dr_report import ci, retention
+    for xs in ([0.5, 0.7], [0.61, 0.83, 0.72], [0.1 * i for i in range(1, 14)]):
+        a, b = ci(xs), honest(xs)
+        assert a["n"] == b["n"] and a["mean"] == b["mean"]
+        assert a["lo"] == pytest.approx(b["lo"], abs=1e-4) and a["hi"] == pytest.approx(b["hi"], abs=1e-4)
+    assert ci([0.4])["lo"] is None and ci([None]) is None
+    assert retention(5.0, 4.95, 4.9) == pytest.approx(0.5) and retention(5.0, 4.9, 5.0 - 1e-6) is None
