@@ -382,6 +382,17 @@ def fitness_gain_by_size(L: Ledger) -> dict:
     return out
 
 
+def honest_progress(L: Ledger) -> dict:
+    """How many runs of each budget-tuned arm (benchmarks/de_honest_arms.py) the ledger holds finished, of how
+    many planned: a 3 x 4 LR x WD grid per budget, a single model per budget and seed, an ensemble per budget,
+    M and seed."""
+    from benchmarks.de_honest_arms import LRS, WDS
+    planned = {"tuneE": len(BUDGETS) * len(LRS) * len(WDS), "sfit": len(BUDGETS) * len(SEEDS),
+               "pfit": len(BUDGETS) * len(ENSEMBLE_SIZES) * len(SEEDS)}
+    done = {k: sum(1 for e in L.runs.values() if e.get("kind") == k and e.get("complete", True)) for k in planned}
+    return {k: {"finished": done[k], "planned": planned[k]} for k in planned}
+
+
 def fitness_share(data: dict) -> dict:
     return {"fitness_tokens": data["fitness_tokens"], "train_tokens": data["train_tokens"],
             "share_of_train": data["fitness_tokens"] / data["train_tokens"],
@@ -436,6 +447,7 @@ def compute(ledger_path: Path, report_path: Path, results: Path) -> dict:
         "defaults_on_fitness": defaults_on_fitness(L),
         "prior_gain_by_fitness_tokens_val": fitness_gain_by_size(L),
         "fitness_share": fitness_share(data),
+        "honest_arms_finished": honest_progress(L),
         "readme_derived": readme_derived(results),
         "splits": "every loss here is on the val split (12,010 tokens); every decision and K on the fitness split; "
                   "the ledger's runs predate the test split, so no figure is on test",

@@ -69,7 +69,9 @@ def markdown(r: dict) -> str:
         L.append(f"| {d['default']} | {d['figure']} | {iv(d['fitness_delta'], 4)} | {iv(d['val_delta'], 4)} | "
                  f"{d['was_decided_on']} | {d['decision']} ({d['strength']}) |")
     f = r["fitness_share"]
-    L += ["", f"Fitness set: {f['fitness_tokens']:,} tokens = {f['share_of_train']:.1%} of the {f['train_tokens']:,} "
+    L += ["", "Budget-tuned arms finished (benchmarks/de_honest_arms.py; a table row needs every seed): " + ", ".join(
+        f"{k} {v['finished']}/{v['planned']}" for k, v in r["honest_arms_finished"].items()) + ".", "",
+          f"Fitness set: {f['fitness_tokens']:,} tokens = {f['share_of_train']:.1%} of the {f['train_tokens']:,} "
           f"training tokens (paper: {f['paper_fitness_tokens']:,} of {f['paper_train_tokens']:,} = "
           f"{f['paper_share_of_train']:.2%}).",
           f"Actual epochs per nominal epoch: q0 and single {r['actual_epochs_per_nominal']['q0_and_single']:.4f}; "
