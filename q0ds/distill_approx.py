@@ -11,7 +11,9 @@ as training does) and takes as the student's logits those of the top-weighted me
 step 0 under ensemble.init=top1 (the default; only top1 is measured). Then distill.truncation_error over all
 windows x seq_len tokens: for each N the exact KL(p_mix_T || p_student_T), the truncated KL (top N + one bucket),
 their absolute / relative error, the cosine between the two gradients w.r.t. the student logits (the direction
-training moves in) and the teacher mass the top N covers (mean and min over tokens). All tokens count (the
+training moves in) and the teacher mass the top N covers (mean and min over tokens). Where the exact KL is below
+KL_FLOOR (the prior puts all its weight on the top member, so the teacher IS the student's start) the relative
+error and the cosine are None: both would be ratios of float rounding. All tokens count (the
 training stream is packed: no ignored labels). It measures the truncation alone: the cache's fp16 storage
 (ensemble.teacher_cache_dtype=float16) rounds the kept log-probs further (below 1e-3 relative).
 
@@ -35,6 +37,9 @@ import torch
 
 from .config import ConfigError
 from .distill import cached_distill_loss, mixture_distill_loss, mixture_logp, truncation_error
+
+
+KL_FLOOR = 1e-6      # nats: below it the exact KL is float rounding (the mixture IS the student's start)
 
 
 def _t(xs) -> dict:
@@ -87,6 +92,10 @@ def measure_truncation(run, k: int, ns=(8, 32, 128), windows: int = 64, override
             parts.append(mixture_logp(member_logits(inputs[j:j + mb], top1), spec["weights"], T))
         logp, z0 = torch.cat(parts), torch.cat(top1)
         err = truncation_error(z0.reshape(-1, V), logp.reshape(-1, V), ns, T)
+        degenerate = err["exact_kl"] < KL_FLOOR
+        if degenerate:                   # a ratio over rounding, a cosine of two rounding-noise gradients
+            for e in err["by_n"].values():
+                e.update(relative_error=None, grad_cosine=None)
 
         # timing: one micro-batch, every path once per round
         x, labels, b = inputs[:mb], win[:mb, 1:], min(mb, windows)
@@ -131,6 +140,9 @@ def measure_truncation(run, k: int, ns=(8, 32, 128), windows: int = 64, override
         "temperature": T, "alpha": alpha, "student_start": f"init=top1: {spec['members'][0]}",
         "windows": windows, "seq_len": L, "tokens": err["rows"], "vocab": V, "seed": cfg.seed,
         "data": data.fingerprint, "exact_kl": err["exact_kl"],
+        "undefined": (f"the exact KL ({err['exact_kl']:.2e}) is below {KL_FLOOR:g} nats: the top-{k} mixture is the "
+                      "student's start (a prior with all its weight on the top member); relative error and gradient "
+                      "cosine are undefined (None)") if degenerate else None,
         "by_n": {str(n): {**err["by_n"][n], "cache_bytes_per_token": round(sizes[n], 2)} for n in ns},
         "timing": {"micro_batch": b, "repeats": repeats, "threads": used_threads,
                    "on_the_fly": {"target_s": _t(times["fly_target"]), "loss_s": fly},

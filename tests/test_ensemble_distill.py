@@ -475,10 +475,11 @@ def test_a_small_cache_trains_resumes_exactly_from_the_same_file_and_refuses_a_t
 
 
 # ---------------------------------------------------------------- the truncation's error on the run's own windows
-def test_truncation_error_on_the_students_first_windows_shrinks_with_n(mixed):
+def test_truncation_error_on_the_students_first_windows_shrinks_with_n(mixed, population):
     """distill_approx.measure_truncation on the real top-2 mixture (weights 0.5 / 0.3 renormalised): the exact
     KL recomputed here by hand from the HF members on the student's first train windows; the error and the
-    uncovered mass shrink as N grows, and N = vocab is the full KL (error ~0, gradient cosine 1)."""
+    uncovered mass shrink as N grows, and N = vocab is the full KL (error ~0, gradient cosine 1). A prior with all
+    its weight on the top member (the population's own) leaves the ratios undefined."""
     from transformers import AutoModelForCausalLM
     from q0ds.config import ConfigError, load_config
     from q0ds.data import PreparedData
@@ -509,6 +510,12 @@ def test_truncation_error_on_the_students_first_windows_shrinks_with_n(mixed):
     t = r["timing"]
     assert t["micro_batch"] == cfg.train.micro_batch and t["on_the_fly"]["loss_s"]["median"] > 0
     assert set(t["cached"]) == {str(n) for n in ns} and all(c["loss_s"]["min"] > 0 for c in t["cached"].values())
+
+    assert r["undefined"] is None
+    # the population's own prior puts all its weight on one member: the teacher is the student's start
+    d = measure_truncation(population, 2, [8], windows=2, repeats=1)
+    assert d["exact_kl"] < 1e-6 and "undefined" in d["undefined"]
+    assert d["by_n"]["8"]["relative_error"] is None and d["by_n"]["8"]["grad_cosine"] is None
 
     with pytest.raises(ValueError, match=f"every N must be in 1..{V}"):
         measure_truncation(mixed, 2, [V + 1], windows=1, repeats=1)
