@@ -22,6 +22,9 @@ fly) + control at (32, K 4); 2 one knob at a time there (alpha 1 / 0.5, T 2, ini
 epochs, cached top-32 teacher, K 8); 3 the reference at every (budget, K); 4 the settings chosen on FITNESS
 retention (per family, within the compute cap; recorded in the ledger once the one-factor phase is complete)
 at every (budget, K).
+Teacher cache: per population and studied K, the top-N truncation's error (KL, gradient, mass covered; N 8, 32,
+128) on the reference student's first 64 windows, and one micro-batch's cached vs on-the-fly time
+(q0ds.distill_approx.measure_truncation, recorded in the ledger), reported next to the cache32 arm.
 Outputs (benchmarks/dr_report.py): benchmarks/results/distill_retention.{json,md,png} and the ledger
 distill_retention_ledger.json (benchmarks/de_ledger.py's format): every finished run's numbers, the selection
 and the training sessions. Commit the ledger: a later session with an empty work dir skips what it holds.
@@ -50,6 +53,9 @@ SECONDS_PER_UNIT = 6.8
 # a student epoch in plain-epoch units (ensemble_distill.py's measured step times: student alone 0.39 s,
 # K=1 0.67, K=2 0.81, K=4 1.25, K=8 1.75 s/step), a snapshot's scoring, one in-process launch
 STUDENT_BASE, STUDENT_PER_MEMBER, STUDENT_LAUNCH = 1.5, 0.4, 1.0
+# --quick: two plain knobs and the teacher cache. init-avg is left out: with it the smoke's first run alone took
+# 4.5 min on 2 busy cores (3.1 min for the whole test without it); tests/test_ensemble_distill.py tests that init.
+QUICK_ARMS = "ref,T2,ep1,cache32"
 
 
 class StudyLedger(Ledger):
@@ -78,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=None, help="seeds (default 3)")
     p.add_argument("--ks", type=int, nargs="+", default=None, help="teacher mixture sizes (default 4 8)")
     p.add_argument("--arms", default=None, help=f"one-factor arms, comma-separated subset of {','.join(dr_arms.VARIANTS)} "
-                   "(default all; quick ref,T2,ep1)")
+                   "(default all; quick ref,T2,ep1,cache32)")
     p.add_argument("--cycle-epochs", type=float, default=None, help="population cycle length (default 1)")
     p.add_argument("--student-cycle-epochs", type=float, default=None,
                    help="a student's cycle length; its 'epochs' setting is a number of such cycles (default 1)")
@@ -96,7 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--work", default=str(DEFAULT_WORK))
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--quick", action="store_true", help="tiny model (LR 0.02), budgets 3 and 4 in half-epoch cycles, "
-                   "K 2, 1 seed, arms ref,T2,ep1: the smoke test")
+                   "K 2, 1 seed, arms ref,T2,ep1,cache32: the smoke test")
     p.add_argument("--plan-only", action="store_true", help="print runs and the cost estimate, train nothing")
     p.add_argument("--report-only", action="store_true", help="train nothing; report from the ledger + finished runs")
     a = p.parse_args(argv)
@@ -108,7 +114,7 @@ def parse_args(argv=None):
         a.overrides = ["optim.lr=0.02"]
     a.seeds = (1 if q else 3) if a.seeds is None else a.seeds
     a.ks = a.ks or ([2] if q else [4, 8])
-    a.arms = (a.arms or ("ref,T2,ep1" if q else ",".join(dr_arms.VARIANTS))).split(",")
+    a.arms = (a.arms or (QUICK_ARMS if q else ",".join(dr_arms.VARIANTS))).split(",")
     a.cycle_epochs = a.cycle_epochs or (0.5 if q else 1.0)
     a.student_cycle_epochs = a.student_cycle_epochs or (0.5 if q else 1.0)
     a.preset = a.preset or ("tiny" if q else "small")

@@ -7,6 +7,10 @@ Evaluation (recorded in the ledger as each run finishes, so `--report-only` need
               "best member") and, labelled as an oracle, the best member on val.
   student     its last snapshot's fitness / val (/ test) NLL, actual epochs and steps, the per-cycle curve, and
               what `q0ds distill-ensemble`'s own distill_report.json says (its retention uses the val-best member).
+  truncation  per budget E and studied K (key truncation_E{E}|k..|n..|w..): q0ds.distill_approx.measure_truncation
+              on the prefix population: the teacher cache's top-N truncation error (N = TRUNCATION_NS) on the
+              reference student's first TRUNCATION_WINDOWS train windows from its top1 start, and one
+              micro-batch's cached vs on-the-fly teacher time (measured in this process while jobs run: noisy).
 Cell = (arm, budget, K, seed): complete when the population, the student and its no-teacher control are.
     retained = (best member - student) / (best member - mixture)          val NLL; best member chosen on fitness
 Tables show complete cells only, each row with its n; intervals are 95% t intervals over seeds.
@@ -23,6 +27,7 @@ from benchmarks.common import write_json
 
 GOAL_RETENTION, GOAL_COMPUTE_SHARE = 0.80, 0.25
 MIN_GAIN_NATS = 1e-4            # a mixture gain below this leaves retention undefined (None)
+TRUNCATION_NS, TRUNCATION_WINDOWS, TRUNCATION_REPEATS = (8, 32, 128), 64, 5   # the cache's approximation
 SATURATION_STEP = 0.05          # the retention curve saturates where the next doubling adds less than this
 # two-sided 95% Student t quantiles t_{0.975, df} (scipy.stats.t.ppf(0.975, df), rounded to 4 digits)
 T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.3646, 8: 2.3060, 9: 2.2622,
@@ -114,13 +119,35 @@ def student_record(out: Path) -> dict:
                                "train_seconds": rep["cost"]["train_seconds"], "same_val_set": rep["same_val_set"]}}
 
 
+def truncation_key(args, E) -> str:
+    return (f"truncation_E{dr_arms._b(E)}|k" + ",".join(map(str, sorted(set(args.ks)))) + "|n"
+            + ",".join(map(str, TRUNCATION_NS)) + f"|w{TRUNCATION_WINDOWS}")
+
+
 def eval_keys(args, run) -> list[str]:
     if run.kind == "q0":
-        return [f"population_E{dr_arms._b(E)}|k" + ",".join(map(str, sorted(set(args.ks)))) for E in args.budgets]
+        return ([f"population_E{dr_arms._b(E)}|k" + ",".join(map(str, sorted(set(args.ks)))) for E in args.budgets]
+                + [truncation_key(args, E) for E in args.budgets])
     return ["student"]
 
 
+def truncation_record(args, dest: Path) -> dict:
+    """{K: measure_truncation(prefix population, K)} for every studied K the population has, with the reference
+    student's settings (its seed, T, alpha: the windows and teacher the reference and cache32 students see)."""
+    from q0ds.data import PreparedData
+    from q0ds.distill_approx import measure_truncation
+    vocab = PreparedData.open(json.loads((dest / "config.json").read_text())["data"]).vocab_size
+    members = len(json.loads((dest / "prefix.json").read_text())["members"])
+    ov = dr_arms.overrides_of(dr_arms.settings_of("ref"), args.student_cycle_epochs)
+    return {str(K): measure_truncation(dest, K, [n for n in TRUNCATION_NS if n <= vocab], TRUNCATION_WINDOWS, ov,
+                                       TRUNCATION_REPEATS, args.threads)
+            for K in sorted(set(args.ks)) if K <= members}
+
+
 def _compute(args, run, key: str):
+    if key.startswith("truncation_E"):
+        E = float(key[len("truncation_E"):].split("|")[0])
+        return truncation_record(args, dr_arms.make_prefix(args, run, E))
     if key.startswith("population_E"):
         E = float(key[len("population_E"):].split("|")[0])
         dest = dr_arms.make_prefix(args, run, E)
@@ -128,8 +155,9 @@ def _compute(args, run, key: str):
     return student_record(run.run_dir)
 
 
-def run_eval(args, run, key: str):
-    """From the ledger when it has it, else from the finished run's files (then recorded); None otherwise."""
+def run_eval(args, run, key: str, optional: bool = False):
+    """From the ledger when it has it, else from the finished run's files (then recorded); None otherwise.
+    optional: a ledger entry without the key whose files are gone gives None (a measurement added later)."""
     L = de_jobs.LEDGER
     if L is not None and L.has(run):
         v = L.get(run, key)
@@ -140,7 +168,7 @@ def run_eval(args, run, key: str):
         if L is not None:
             L.put(run, key, v, timing=de_jobs.read_timing(run))
         return v
-    if L is not None and L.has(run):
+    if L is not None and L.has(run) and not optional:
         raise SystemExit(f"[distill_retention] the ledger {L.path} has {run.name} without '{key}' and its files are "
                          "gone: report with the settings it was recorded with, or delete its entry to retrain it")
     return None
@@ -173,7 +201,7 @@ def compute_share(fm: dict, pop: dict, student: dict, k: int, alpha: float) -> f
 
 def collect(args, runs) -> dict:
     """{"pop": {E: {seed: record}}, "runs": {name: record}, "cells": {...}} from finished runs only."""
-    out = {"pop": {}, "runs": {}, "cells": {}}
+    out = {"pop": {}, "runs": {}, "cells": {}, "truncation": {}}
     ks = "k" + ",".join(map(str, sorted(set(args.ks))))
     for r in runs:
         ok = de_jobs.complete(r)
@@ -182,6 +210,9 @@ def collect(args, runs) -> dict:
                 out["cells"][f"population/E{dr_arms._b(E)}/s{r.seed}"] = ok
                 if ok:
                     out["pop"].setdefault(dr_arms._b(E), {})[r.seed] = run_eval(args, r, f"population_E{dr_arms._b(E)}|{ks}")
+                    t = run_eval(args, r, truncation_key(args, E), optional=True)
+                    if t is not None:
+                        out["truncation"].setdefault(dr_arms._b(E), {})[r.seed] = t
         else:
             out["cells"][r.name] = ok
             if ok:
@@ -278,6 +309,47 @@ def grid(args, C, by, fm, selection) -> dict:
                     rows.append(row)
             out[f"E{dr_arms._b(E)}/k{K}"] = rows
     return out
+
+
+def truncation_summary(args, C, of) -> dict:
+    """The teacher cache's approximation per (budget, K) over seeds (measure_truncation's numbers), and the
+    cache32 arm next to the on-the-fly reference at the one-factor cell (retention, wall time)."""
+    cells = {}
+    for E, by_seed in sorted(C["truncation"].items(), key=lambda x: float(x[0])):
+        for K in sorted(set(args.ks)):
+            recs = [r[str(K)] for _, r in sorted(by_seed.items()) if str(K) in r]
+            if not recs:
+                continue
+
+            def over(f):
+                return ci(f(r) for r in recs)
+            cells[f"E{E}/k{K}"] = {
+                "budget": float(E), "k": K, "n": len(recs), "windows": recs[0]["windows"], "tokens": recs[0]["tokens"],
+                "exact_kl": over(lambda r: r["exact_kl"]),
+                "on_the_fly_target_s": over(lambda r: r["timing"]["on_the_fly"]["target_s"]["median"]),
+                "on_the_fly_loss_s": over(lambda r: r["timing"]["on_the_fly"]["loss_s"]["median"]),
+                "rows": [{"N": int(n), **{k: over(lambda r, k=k: r["by_n"][n][k]) for k in
+                                          ("mass_mean", "mass_min", "relative_error", "abs_error", "grad_cosine")},
+                          "cached_target_s": over(lambda r: r["timing"]["cached"][n]["target_s"]["median"]),
+                          "cached_loss_s": over(lambda r: r["timing"]["cached"][n]["loss_s"]["median"]),
+                          "loss_speedup": over(lambda r: r["timing"]["cached"][n]["loss_speedup"]),
+                          "cache_bytes_per_token": recs[0]["by_n"][n]["cache_bytes_per_token"]}
+                         for n in recs[0]["by_n"]]}
+    rows = {r["arm"]: r for r in of["rows"]}
+    arm = None
+    if "cache32" in rows and rows["cache32"]["n"] and rows["ref"]["n"]:
+        c, f = rows["cache32"], rows["ref"]
+        both = [sd for sd in c["per_seed"] if sd in f["per_seed"]]
+
+        def paired(g):
+            return ci(g(c["per_seed"][sd], f["per_seed"][sd]) for sd in both)
+        arm = {"budget": of["budget"], "k": of["k"], "n": len(both), "retained": c["retained"], "ref_retained": f["retained"],
+               "retained_minus_ref": paired(lambda a, b: None if None in (a["retained"], b["retained"])
+                                            else a["retained"] - b["retained"]),
+               "student_val": c["student_val"], "ref_student_val": f["student_val"],
+               "wall_s": c["wall_s"], "ref_wall_s": f["wall_s"],
+               "wall_ratio": paired(lambda a, b: a["wall_s"] / b["wall_s"] if a["wall_s"] and b["wall_s"] else None)}
+    return {"ns": list(TRUNCATION_NS), "windows": TRUNCATION_WINDOWS, "cells": cells, "cache32_vs_reference": arm}
 
 
 def curves(args, C, by, fm, of) -> list[dict]:
@@ -426,6 +498,9 @@ def report(args, data_info: dict, runs, command: str) -> dict:
                                    if str(K) in v["topk"] else None)(K)) for K in args.ks])}}
             for E, d in sorted(C["pop"].items(), key=lambda x: float(x[0]))},
         "one_factor": of,
+        "teacher_cache_approximation": truncation_summary(args, C, of),
+        "truncation_per_seed": {E: {str(sd): v for sd, v in sorted(d.items())}
+                                for E, d in sorted(C["truncation"].items(), key=lambda x: float(x[0]))},
         "selection": selection,
         "grid": gr,
         "curves": cv,
@@ -450,6 +525,13 @@ def report(args, data_info: dict, runs, command: str) -> dict:
             "control: the same student training with distill.alpha=0 (no teacher): more epochs from the same start.",
             f"saturation: the first student length after which the next doubling adds < {SATURATION_STEP:.0%} retention.",
             "wall_s: the job's wall seconds (launch to exit) as measured by the scheduler.",
+            f"teacher cache approximation: q0ds.distill_approx.measure_truncation per population and K, on the "
+            f"reference student's first {TRUNCATION_WINDOWS} train windows from its top1 start: the top-N "
+            "truncation's KL relative error |KL_N - KL| / KL, the cosine between the truncated and the exact KL "
+            "gradients w.r.t. the student logits, the mixture mass the top N covers (mean over tokens); the times "
+            "are one micro-batch's teacher target + distillation loss (forward + backward), on the fly (K member "
+            "forwards) vs read from a top-N cache, measured in the study's own process while jobs run (noisy). "
+            "The cache32 student's wall_s includes building its cache.",
         ],
     }
     res["goal_check"] = goal_check(args, gr, selection, of)
@@ -510,6 +592,7 @@ def markdown(res: dict) -> str:
     of = res["one_factor"]
     L += ["", f"## One knob at a time (budget {of['budget']:g}, K = {of['k']}; 'k8' at K = 8)", ""]
     L += _rows_table(of["rows"])
+    L += truncation_markdown(res["teacher_cache_approximation"])
     sel = res["selection"]
     L += ["", "## Settings chosen on fitness retention", ""]
     if sel is None:
@@ -541,6 +624,44 @@ def markdown(res: dict) -> str:
                                                    for p in ln["points"]))
     L += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(L) + "\n"
+
+
+def _num(d, fmt: str) -> str:
+    if not d:
+        return "-"
+    if d["lo"] is None:
+        return format(d["mean"], fmt)
+    return f"{format(d['mean'], fmt)} [{format(d['lo'], fmt)}, {format(d['hi'], fmt)}]"
+
+
+def truncation_markdown(t: dict) -> list[str]:
+    L = ["", "## Teacher cache: the top-N truncation vs the mixture on the fly", "",
+         f"On the reference student's first {t['windows']} train windows, from its top1 start (see Notes). Mass: the "
+         "share of the mixture's probability the top N tokens hold (mean over tokens; min over tokens in the JSON). "
+         "KL error: |truncated KL - exact KL| / exact KL. Gradient cosine: between the truncated and the exact "
+         "KL's gradients w.r.t. the student logits (-: undefined, the mixture is the student's start: a prior with "
+         "all its weight on the top member). Time: one micro-batch's teacher target + loss (fwd + bwd), seconds.", ""]
+    if not t["cells"]:
+        L.append("Not measured yet (no finished population).")
+    else:
+        L += ["| cell | N | n | mass covered | KL relative error | gradient cosine | loss s, cached | "
+              "loss s, on the fly | speed-up | cache bytes / token |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for cell, c in t["cells"].items():
+            for r in c["rows"]:
+                L.append(f"| {cell} | {r['N']} | {c['n']} | {_pct(r['mass_mean'])} | {_pct(r['relative_error'])} | "
+                         f"{_num(r['grad_cosine'], '.4f')} | {_num(r['cached_loss_s'], '.4f')} | "
+                         f"{_num(c['on_the_fly_loss_s'], '.4f')} | {_num(r['loss_speedup'], '.2f')} | "
+                         f"{r['cache_bytes_per_token']:g} |")
+    a = t["cache32_vs_reference"]
+    L.append("")
+    if a is None:
+        L.append("cache32 arm: not run (or not complete) next to the reference.")
+    else:
+        L.append(f"cache32 arm vs the on-the-fly reference (budget {a['budget']:g}, K = {a['k']}, n = {a['n']}): "
+                 f"retained {_pct(a['retained'])} vs {_pct(a['ref_retained'])} (difference "
+                 f"{_pct(a['retained_minus_ref'])}); job wall time {_num(a['wall_s'], '.0f')} s vs "
+                 f"{_num(a['ref_wall_s'], '.0f')} s (ratio {_num(a['wall_ratio'], '.2f')}, cache build included).")
+    return L
 
 
 def plot(res: dict, path: Path) -> None:

@@ -1,8 +1,9 @@
 """Smoke test of benchmarks/distill_retention.py (issue 21) in its --quick setting (tiny model, one seed, one
 population through the real deepspeed launcher, its two prefix populations made by hard links + `q0ds fit-prior`,
-3 one-factor arms + no-teacher controls through `q0ds distill-ensemble`, the fitness-chosen grid): the JSON's
-structure; every retention, control retention and compute share recomputed from the numbers the ledger stores
-(the formula); a rerun in an EMPTY work dir trains nothing (the ledger); `--report-only` writes the same JSON
+4 one-factor arms (ref, T2, ep1, cache32) + no-teacher controls through `q0ds distill-ensemble`, the
+fitness-chosen grid, the teacher cache's truncation error per population): the JSON's structure; every retention,
+control retention and compute share recomputed from the numbers the ledger stores (the formula); the truncation
+table from the ledger's measurements; a rerun in an EMPTY work dir trains nothing (the ledger); `--report-only` writes the same JSON
 byte for byte."""
 import json
 import os
@@ -58,7 +59,8 @@ def test_distill_retention_quick(embedded_data, tmp_path):
 
     # every row's numbers from the ledger's stored numbers, by the formula
     of = res["one_factor"]
-    assert [r["arm"] for r in of["rows"]] == ["ref", "T2", "ep1"] and all(r["n"] == 1 for r in of["rows"])
+    assert [r["arm"] for r in of["rows"]] == ["ref", "T2", "ep1", "cache32"]
+    assert all(r["n"] == 1 for r in of["rows"])
     rows = of["rows"] + [r for rs in res["grid"].values() for r in rs]
     assert {c for c in res["grid"]} == {f"E{E0}/k2", f"E{E1}/k2"} and all(res["grid"].values())
     fm = res["flop_model"]
@@ -82,8 +84,37 @@ def test_distill_retention_quick(embedded_data, tmp_path):
             pop["epochs_actual"] * fm["train_per_token"] + pop["teacher_epochs_actual"] * fm["forward_per_token"])
         assert seed["compute_share"] == pytest.approx(share)
         assert seed["teacher_effect_val"] == pytest.approx(ctl["val_loss"] - stud["val_loss"])
-    assert res["selection"]["families"].keys() == {"temperature", "length"}
+    assert res["selection"]["families"].keys() == {"temperature", "length", "teacher"}
     assert res["curves"] and res["statement"]
+
+    # the teacher cache's approximation: the table is the ledger's measurements; more N covers more mass
+    from benchmarks.dr_report import truncation_key
+    import argparse
+    ta = res["teacher_cache_approximation"]
+    assert set(ta["cells"]) == {f"E{E0}/k2", f"E{E1}/k2"}
+    defined = []
+    for cell, c in ta["cells"].items():
+        E = float(cell[1:].split("/")[0])
+        key = truncation_key(argparse.Namespace(ks=[2]), E)
+        m = ledger["runs"]["pop-s0"]["eval"][key]["2"]
+        assert m["windows"] == 64 and m["k"] == 2 and m["members"] == res["populations"][f"{E:g}"]["0"]["topk"]["2"]["members"]
+        assert [r["N"] for r in c["rows"]] == [8, 32, 128] and c["n"] == 1 and c["exact_kl"]["mean"] == m["exact_kl"]
+        for r in c["rows"]:
+            b = m["by_n"][str(r["N"])]
+            assert r["mass_mean"]["mean"] == b["mass_mean"]
+            assert r["loss_speedup"]["mean"] == m["timing"]["cached"][str(r["N"])]["loss_speedup"]
+            for k in ("relative_error", "grad_cosine"):      # None (shown -) where the teacher is the start
+                assert (r[k] or {}).get("mean") == b[k] and (b[k] is None) == (m["undefined"] is not None)
+        mass = [r["mass_mean"]["mean"] for r in c["rows"]]
+        assert mass[0] < mass[1] < mass[2] <= 1 + 1e-6
+        if m["undefined"] is None:
+            defined.append(cell)
+            assert c["rows"][2]["relative_error"]["mean"] < c["rows"][0]["relative_error"]["mean"]
+    assert defined, "every quick population's prior puts all its weight on one member"
+    a = ta["cache32_vs_reference"]
+    ref_row, c32 = of["rows"][0]["per_seed"]["0"], of["rows"][3]["per_seed"]["0"]
+    assert a["n"] == 1 and a["wall_ratio"]["mean"] == pytest.approx(c32["wall_s"] / ref_row["wall_s"])
+    assert "## Teacher cache: the top-N truncation" in (out / "distill_retention.md").read_text()
 
     # a later session with an empty work dir: everything is in the ledger, nothing is trained
     args2 = common + ["--work", tmp_path / "w2"]

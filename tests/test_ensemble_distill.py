@@ -472,3 +472,52 @@ def test_a_small_cache_trains_resumes_exactly_from_the_same_file_and_refuses_a_t
     p = run_cli(*common, f"run_dir={other}", check=False)
     assert p.returncode == 2 and f"teacher cache {header} does not match this launch (samples differ)" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------- the truncation's error on the run's own windows
+def test_truncation_error_on_the_students_first_windows_shrinks_with_n(mixed, population):
+    """distill_approx.measure_truncation on the real top-2 mixture (weights 0.5 / 0.3 renormalised): the exact
+    KL recomputed here by hand from the HF members on the student's first train windows; the error and the
+    uncovered mass shrink as N grows, and N = vocab is the full KL (error ~0, gradient cosine 1). A prior with all
+    its weight on the top member (the population's own) leaves the ratios undefined."""
+    from transformers import AutoModelForCausalLM
+    from q0ds.config import ConfigError, load_config
+    from q0ds.data import PreparedData
+    from q0ds.distill_approx import measure_truncation
+    from q0ds.ensemble_distill import SEED_OFFSET, member_dir
+    cfg = load_config(mixed / "config.json")
+    V = PreparedData.open(cfg.data).vocab_size
+    ns = [2, 8, 32, 128, V]
+    r = measure_truncation(mixed, 2, ns, windows=6, repeats=2)
+    assert json.loads(json.dumps(r)) == r and r["tokens"] == 6 * cfg.train.seq_len and r["vocab"] == V
+    assert r["members"] == ["base-00/cycle-0002", "base-00/cycle-0001"] and r["weights"] == pytest.approx([0.625, 0.375])
+
+    win = PreparedData.open(cfg.data).train_samples(cfg.seed + SEED_OFFSET, 0, 0, 6, cfg.train.seq_len)
+    with torch.no_grad():
+        z = [AutoModelForCausalLM.from_pretrained(member_dir(mixed, m)).eval()(input_ids=win[:, :-1]).logits.double()
+             for m in r["members"]]
+    p_mix = 0.625 * F.softmax(z[0], -1) + 0.375 * F.softmax(z[1], -1)
+    exact = (p_mix * (p_mix.log() - F.log_softmax(z[0], -1))).sum(-1).mean().item()
+    assert r["exact_kl"] == pytest.approx(exact, rel=1e-4) and exact > 1e-3
+
+    by = [r["by_n"][str(n)] for n in ns]
+    rel, mass = [b["relative_error"] for b in by], [b["mass_mean"] for b in by]
+    assert all(a > b for a, b in zip(rel, rel[1:])) and rel[0] > 0.01, rel
+    assert all(a < b for a, b in zip(mass, mass[1:])) and mass[-1] == pytest.approx(1.0, abs=1e-6)
+    assert rel[-1] < 1e-4 and by[-1]["grad_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert by[0]["grad_cosine"] < by[-2]["grad_cosine"] <= 1 + 1e-6
+    assert all(b["cache_bytes_per_token"] > 6 * n for b, n in zip(by, ns))
+    t = r["timing"]
+    assert t["micro_batch"] == cfg.train.micro_batch and t["on_the_fly"]["loss_s"]["median"] > 0
+    assert set(t["cached"]) == {str(n) for n in ns} and all(c["loss_s"]["min"] > 0 for c in t["cached"].values())
+
+    assert r["undefined"] is None
+    # the population's own prior puts all its weight on one member: the teacher is the student's start
+    d = measure_truncation(population, 2, [8], windows=2, repeats=1)
+    assert d["exact_kl"] < 1e-6 and "undefined" in d["undefined"]
+    assert d["by_n"]["8"]["relative_error"] is None and d["by_n"]["8"]["grad_cosine"] is None
+
+    with pytest.raises(ValueError, match=f"every N must be in 1..{V}"):
+        measure_truncation(mixed, 2, [V + 1], windows=1, repeats=1)
+    with pytest.raises(ConfigError, match="init=top1"):
+        measure_truncation(mixed, 2, [2], windows=1, repeats=1, overrides=["ensemble.init=avg"])
