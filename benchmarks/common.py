@@ -52,3 +52,17 @@ def write_json(path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def add_data_args(p, override_help: str = "run-config key=value (all runs)") -> None:
+    """The prepared-data and job options shared by the resumable benchmarks (data_efficiency, distill_retention):
+    the same defaults give the same prepared data, so both benchmarks train on one corpus."""
+    p.add_argument("--preset", default=None, help="model/run preset (default small)")
+    p.add_argument("--override", dest="overrides", action="append", default=[], help=override_help)
+    p.add_argument("--train-tokens", type=int, default=None, help="max train tokens (default 55000)")
+    p.add_argument("--fitness-tokens", type=int, default=12000)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--test-tokens", type=int, default=None, help="test split size (default 12000; quick 1000)")
+    p.add_argument("--data", default=None, help="use this prepared data dir instead of preparing one")
+    p.add_argument("--parallel", type=int, default=2, help="jobs side by side")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per job")

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import ROOT, env_defaults, write_json  # noqa: E402
+from benchmarks.common import ROOT, add_data_args, env_defaults, write_json  # noqa: E402
 
 env_defaults()
 
@@ -117,15 +117,7 @@ def parse_args(argv=None):
     p.add_argument("--honest-lrs", type=float, nargs="+", default=None, help="default 7.5e-4 1.5e-3 3e-3")
     p.add_argument("--honest-wds", type=float, nargs="+", default=None, help="default 0.01 0.1 1.0 3.0")
     p.add_argument("--early-budget-max", type=float, default=32.0, help="budgets above this run last")
-    p.add_argument("--preset", default=None, help="model/run preset (default small)")
-    p.add_argument("--override", dest="overrides", action="append", default=[], help="run-config key=value (all runs)")
-    p.add_argument("--train-tokens", type=int, default=None, help="max train tokens (default 55000)")
-    p.add_argument("--fitness-tokens", type=int, default=12000)
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--test-tokens", type=int, default=None, help="test split size (default 12000; quick 1000)")
-    p.add_argument("--data", default=None, help="use this prepared data dir instead of preparing one")
-    p.add_argument("--parallel", type=int, default=2, help="base jobs side by side")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    add_data_args(p)
     p.add_argument("--max-tier", type=int, default=99, help="train only runs up to this tier")
     p.add_argument("--work", default=str(DEFAULT_WORK))
     p.add_argument("--out", default=str(DEFAULT_OUT))

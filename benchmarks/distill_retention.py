@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import ROOT, env_defaults, machine_info  # noqa: E402
+from benchmarks.common import ROOT, add_data_args, env_defaults, machine_info  # noqa: E402
 
 env_defaults()
 
@@ -88,15 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--cycle-epochs", type=float, default=None, help="population cycle length (default 1)")
     p.add_argument("--student-cycle-epochs", type=float, default=None,
                    help="a student's cycle length; its 'epochs' setting is a number of such cycles (default 1)")
-    p.add_argument("--preset", default=None, help="model/run preset (default small)")
-    p.add_argument("--override", dest="overrides", action="append", default=[], help="population config key=value")
-    p.add_argument("--train-tokens", type=int, default=None, help="max train tokens (default 55000)")
-    p.add_argument("--fitness-tokens", type=int, default=12000)
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--test-tokens", type=int, default=None, help="test split size (default 12000; quick 1000)")
-    p.add_argument("--data", default=None, help="use this prepared data dir instead of preparing one")
-    p.add_argument("--parallel", type=int, default=2, help="jobs side by side")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    add_data_args(p, "population config key=value")
     p.add_argument("--max-tier", type=int, default=99, help="train only jobs up to this tier (0 populations, "
                    "1 reference, 2 one-factor variants, 3 reference at every cell, 4 selected settings there)")
     p.add_argument("--work", default=str(DEFAULT_WORK))
