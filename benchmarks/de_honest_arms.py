@@ -1,8 +1,9 @@
 """The arms issue 20 adds to benchmarks/data_efficiency.py (`--honest-arms`), resumable like the others:
 
   tuneE   the single-model LR x WD grid at EVERY budget (not only --tune-budget), seed 0; the recipe of budget E
-          is the lowest FITNESS loss at its best fitness epoch; `bracketed` says whether it sits inside the grid
-          on both axes (if not, widen --honest-lrs / --honest-wds: the report says which edge).
+          is the lowest FITNESS loss at its best fitness epoch. A finished grid whose best point sits on an edge
+          grows one row/column beyond it (grid_runs), so the optimum ends bracketed; `bracketed` / `on_edge` in
+          the report say whether it is.
   sfit    per budget and seed: the single model with its budget's recipe, reported at its best FITNESS epoch,
           and temperature-calibrated (one temperature fitted on the fitness set, de_eval.temperature_calibrated).
   pfit    per budget, M and seed: ensemble members with the budget's recipe, a snapshot every epoch, each member
@@ -20,32 +21,62 @@ LRS, WDS = (7.5e-4, 1.5e-3, 3e-3), (0.01, 0.1, 1.0, 3.0)      # around the 16-ep
 TIER = 6                                                       # after every existing arm
 
 
-def grid(args) -> list[dict]:
-    return [{"lr": lr, "wd": wd} for lr in args.honest_lrs for wd in args.honest_wds]
+EXTEND = {"lr": 2.0, "wd": 3.0}                                # one step beyond an edge of the grid
+MAX_EXTENSIONS = 2                                             # per budget: a bound on the grid's cost
+
+
+def grid_run(args, data, E: float, lr: float, wd: float) -> Run:
+    r = {"lr": lr, "wd": wd}
+    run = Run(f"tuneE{E:g}-lr{lr:g}-wd{wd:g}", "tuneE", 0, info={"recipe": r, "budget": E})
+    run.cfg = baseline_cfg(args, data, Path(args.work) / run.name, E, r, 900, 1, per_epoch=True)
+    run.base_tiers = [TIER]
+    return run
+
+
+def _fitness_rows(runs) -> list[dict]:
+    from benchmarks.de_report import run_eval
+    return [{**r.info["recipe"], "fitness_loss": min(p["fitness_loss"] for p in run_eval(r, "single_curve")["curve"])}
+            for r in runs]
 
 
 def grid_runs(args, data, E: float) -> list[Run]:
-    work = Path(args.work)
-    runs = []
-    for r in grid(args):
-        run = Run(f"tuneE{E:g}-lr{r['lr']:g}-wd{r['wd']:g}", "tuneE", 0, info={"recipe": r, "budget": E})
-        run.cfg = baseline_cfg(args, data, work / run.name, E, r, 900, 1, per_epoch=True)
-        run.base_tiers = [TIER]
-        runs.append(run)
-    return runs
+    """The budget-E grid: --honest-lrs x --honest-wds, then, while the finished grid's best point (lowest fitness
+    loss at its best fitness epoch) sits on an edge of an axis, one more row or column beyond that edge (LR x2
+    or /2, WD x3 or /3), at most MAX_EXTENSIONS times; so the optimum is bracketed in both directions or the
+    report says on which edge it stayed."""
+    from benchmarks import de_jobs
+    lrs, wds = sorted(args.honest_lrs), sorted(args.honest_wds)
+    for extension in range(MAX_EXTENSIONS + 1):
+        runs = [grid_run(args, data, E, lr, wd) for lr in lrs for wd in wds]
+        if extension == MAX_EXTENSIONS or not all(de_jobs.complete(r) for r in runs):
+            return runs
+        win = min(_fitness_rows(runs), key=lambda x: x["fitness_loss"])
+        grew = False
+        for axis, vals in (("lr", lrs), ("wd", wds)):
+            if len(vals) > 1 and win[axis] == vals[-1]:
+                vals.append(vals[-1] * EXTEND[axis])
+                grew = True
+            elif len(vals) > 1 and win[axis] == vals[0]:
+                vals.insert(0, vals[0] / EXTEND[axis])
+                grew = True
+        if not grew:
+            return runs
+    raise AssertionError("unreachable")
 
 
 def choose(args, grid_runs_E) -> dict | None:
-    """The budget's recipe (lowest fitness loss at the best fitness epoch) once its grid is finished."""
+    """The budget's recipe (lowest fitness loss at the best fitness epoch) once its grid is finished and no
+    extension is pending (grid_runs); `bracketed` says whether it is inside the grid on both axes."""
     from benchmarks import de_jobs
-    from benchmarks.de_report import run_eval
-    if not all(de_jobs.complete(r) for r in grid_runs_E):
+    if not grid_runs_E or not all(de_jobs.complete(r) for r in grid_runs_E):
         return None
-    rows = [{**r.info["recipe"], "fitness_loss": min(p["fitness_loss"] for p in run_eval(r, "single_curve")["curve"])}
-            for r in grid_runs_E]
+    rows = _fitness_rows(grid_runs_E)
     win = min(rows, key=lambda x: x["fitness_loss"])
-    edge = [ax for ax, vals in (("lr", args.honest_lrs), ("wd", args.honest_wds)) if len(vals) > 1
-            and win[ax] in (min(vals), max(vals))]
+    edge = []
+    for ax in ("lr", "wd"):
+        vals = sorted({x[ax] for x in rows})
+        if len(vals) > 1 and win[ax] in (vals[0], vals[-1]):
+            edge.append(ax)
     return {"lr": win["lr"], "wd": win["wd"], "bracketed": not edge, "on_edge": edge, "grid": rows}
 
 
