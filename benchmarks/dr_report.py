@@ -98,7 +98,28 @@ def population_record(dest: Path, ks) -> dict:
             "best_on_fitness": {k: bf[k] for k in bf if k != "prior_weight"},
             "best_on_val_oracle": {k: bv[k] for k in bv if k != "prior_weight"},
             "epochs_actual": rows[-1]["epoch"], "teacher_epochs_actual": rows[-1]["epoch"] - before if start < len(rows) else 0.0,
+            "prior_by_fitness_tokens": prior_by_fitness_tokens(P["fitness"]),
             "prefix": json.loads((dest / "prefix.json").read_text())}
+
+
+FITNESS_SIZES, FITNESS_HELD_OUT = (750, 1500, 3000, 6000, 12000), 4000
+
+
+def prior_by_fitness_tokens(F) -> dict:
+    """The fitness-set size decided on fitness alone (issue 20): the prior fitted on the first n fitness tokens
+    (n in FITNESS_SIZES) and scored on the LAST FITNESS_HELD_OUT fitness tokens, which no fit reads, against
+    the uniform mixture there. F: [members, fitness tokens] per-token probabilities."""
+    from benchmarks.de_eval import PRIOR_CLIP, PRIOR_LR, PRIOR_STEPS
+    from q0ds.prior import fit_prior, mixture_nll
+    held = F[:, -FITNESS_HELD_OUT:]
+    M = F.shape[0]
+    out = {"held_out_tokens": FITNESS_HELD_OUT, "uniform_held_out_loss": mixture_nll(held, [1.0 / M] * M), "by_n": {}}
+    for n in FITNESS_SIZES:
+        if n <= F.shape[1] - FITNESS_HELD_OUT:
+            w = fit_prior(F[:, :n], steps=PRIOR_STEPS, lr=PRIOR_LR, clip=PRIOR_CLIP).weights
+            out["by_n"][str(n)] = {"held_out_loss": mixture_nll(held, w),
+                                   "gain_over_uniform": out["uniform_held_out_loss"] - mixture_nll(held, w)}
+    return out
 
 
 def student_record(out: Path) -> dict:

@@ -139,3 +139,20 @@ def test_interval_is_de_honests_t_interval():
         assert a["lo"] == pytest.approx(b["lo"], abs=1e-4) and a["hi"] == pytest.approx(b["hi"], abs=1e-4)
     assert ci([0.4])["lo"] is None and ci([None]) is None
     assert retention(5.0, 4.95, 4.9) == pytest.approx(0.5) and retention(5.0, 4.9, 5.0 - 1e-6) is None
+
+
+def test_prior_by_fitness_tokens_fits_on_the_front_and_scores_the_held_out_tail():
+    import torch
+    from benchmarks import dr_report
+    g = torch.Generator().manual_seed(0)
+    n = 16169
+    F = torch.rand(3, n, generator=g) * 0.05 + torch.tensor([[0.30], [0.05], [0.05]])   # member 0 is better
+    r = dr_report.prior_by_fitness_tokens(F)
+    assert sorted(map(int, r["by_n"])) == [750, 1500, 3000, 6000, 12000]        # 12000 <= 16169 - 4000
+    for row in r["by_n"].values():
+        assert row["gain_over_uniform"] > 0.5                                    # weight moves to member 0
+    F2 = F.clone()
+    F2[0, :n - dr_report.FITNESS_HELD_OUT] = 0.01                               # the front now says member 0 is worst
+    r2 = dr_report.prior_by_fitness_tokens(F2)
+    assert r2["uniform_held_out_loss"] == pytest.approx(r["uniform_held_out_loss"])   # the tail is untouched
+    assert all(row["gain_over_uniform"] < 0 for row in r2["by_n"].values())     # fitted on the front only
