@@ -102,8 +102,9 @@ def flop_model(data: dict) -> dict:
 class Arms:
     """Per-seed cost curves and budgets of every arm, from the ledger."""
 
-    def __init__(self, L: Ledger, data: dict):
+    def __init__(self, L: Ledger, data: dict, study: Path | None = None):
         self.L, self.fm = L, flop_model(data)
+        self.members, self.members_check = q0_members_from_study(L, study)
         c0 = L.eval("q0-s0", Q0_KEY)
         self.scored_tokens = c0["fitness_tokens"] + c0["val_tokens"]
         self.launch = self._launch_s()
@@ -212,6 +213,41 @@ class Arms:
         return min(r["last_snapshot_val_loss"] for r in self.L.eval(f"q0-s{s}", Q0_KEY)["curve"] if r["epochs"] <= E + 1e-9)
 
 
+    def q0_best_member_on_fitness(self, E: int, s: int) -> float | None:
+        """Val loss of the snapshot of the first E epochs with the lowest FITNESS loss (q0 at K = 1 without any val
+        choice: 'the recipe without the population'), from the retention study's re-run of the same q0 run;
+        None unless that re-run matched this ledger (q0_members_from_study)."""
+        rows = [r for r in self.members.get(s, []) if r["cycle"] < E]
+        return min(rows, key=lambda r: r["fitness_loss"])["val_loss"] if len(rows) == E else None
+
+
+def q0_members_from_study(L: Ledger, study: Path | None) -> tuple[dict, dict]:
+    """Per seed, every snapshot's fitness and val loss of q0-s{s}, from benchmarks/distill_retention.py's ledger
+    (its populations pop-s{s} are the same runs: same settings fingerprint, same data). Used only where the re-run
+    reproduced this ledger: same fingerprint and every snapshot's val loss equal to q0-s{s}'s to 1e-6.
+    -> ({seed: rows}, {seed: why it was or was not used})."""
+    if study is None or not Path(study).is_file():
+        return {}, {s: "no retention-study ledger" for s in SEEDS}
+    runs = json.loads(Path(study).read_text())["runs"]
+    members, check = {}, {}
+    for s in SEEDS:
+        e, q = runs.get(f"pop-s{s}"), L.runs.get(f"q0-s{s}")
+        key = next((k for k in (e or {}).get("eval", {}) if k.startswith(f"population_E{max(BUDGETS)}|")), None)
+        if e is None or key is None:
+            check[s] = "not in the retention-study ledger yet"
+        elif e["fingerprint"] != q["fingerprint"]:
+            check[s] = "different settings from q0-s{s}"
+        else:
+            rows = e["eval"][key]["snapshots"]
+            ref = [r["last_snapshot_val_loss"] for r in q["eval"][Q0_KEY]["curve"]]
+            diff = max(abs(r["val_loss"] - v) for r, v in zip(rows, ref)) if len(rows) == len(ref) else math.inf
+            if diff <= 1e-6:
+                members[s], check[s] = rows, f"reproduced (max val difference {diff:.1e})"
+            else:
+                check[s] = f"not reproduced (max val difference {diff:.3g}): not used"
+    return members, check
+
+
 AXES = {"epoch": ("epochs", "epochs_actual"), "flop": ("flops", "flops"), "wall": ("wall_s", "wall_s")}
 
 
@@ -269,6 +305,14 @@ def inference_matched(A: Arms) -> dict:
             if bfit:
                 rows[str(K)]["single_at_fitness_epoch"] = ci(bfit)
                 rows[str(K)]["single_at_fitness_epoch_minus_q0"] = ci(x - y for x, y in zip(bfit, q))
+            if K == 1:                          # q0's best single snapshot chosen on FITNESS vs the single model at
+                fb = [A.q0_best_member_on_fitness(E, s) for s in SEEDS]          # its best fitness epoch: no oracle
+                sf = [A.baselines(E, s)["single"]["val_at_fitness_epoch"] for s in SEEDS]
+                rows["1-fitbest"] = {"q0_topk": ci(fb) if None not in fb else None,
+                                     "baseline": "single (best epoch on fitness)", "baseline_val": ci(sf),
+                                     "baseline_minus_q0": ci(x - y for x, y in zip(sf, fb)) if None not in fb else None,
+                                     "missing": ["q0 per-snapshot fitness"] if None in fb else [],
+                                     "note": "both chosen on fitness: q0's best single snapshot vs the single model's epoch"}
             extra = ((("tuned", TUNED), ("calibrated", CALIBRATED)) if K == 1 else (("fitstop", fitstop(K)),))
             for tag, bname in extra:             # the honest arms, once finished for every seed
                 b = [A.honest_baselines(E, s).get(bname, {}).get("val_loss") for s in SEEDS]
@@ -276,15 +320,15 @@ def inference_matched(A: Arms) -> dict:
                 rows[f"{K}-{tag}"] = {"q0_topk": ci(q), "baseline": bname, "baseline_val": ci(b) if not missing else None,
                                       "baseline_minus_q0": ci(x - y for x, y in zip(b, q)) if not missing else None,
                                       "missing": missing}
-        order = ["1", "1-oracle", "1-tuned", "1-calibrated"] + [k for K in KS[1:] for k in (str(K), f"{K}-fitstop")]
+        order = ["1", "1-oracle", "1-fitbest", "1-tuned", "1-calibrated"] + [k for K in KS[1:] for k in (str(K), f"{K}-fitstop")]
         out[str(E)] = {k: rows[k] for k in order}
     return out
 
 
 def strongest_at(rows: dict, K: int) -> str | None:
-    """The K-forward baseline with the lowest mean val loss against the same q0 top-K (not the '1-oracle' row,
-    whose q0 side is an oracle too); None when no such baseline has all seeds."""
-    keys = [k for k in rows if k.split("-")[0] == str(K) and k != "1-oracle" and rows[k]["baseline_val"]]
+    """The K-forward baseline with the lowest mean val loss against the same q0 top-K (not '1-oracle' or
+    '1-fitbest', whose q0 side is another member); None when no such baseline has all seeds."""
+    keys = [k for k in rows if k.split("-")[0] == str(K) and k not in ("1-oracle", "1-fitbest") and rows[k]["baseline_val"]]
     return min(keys, key=lambda k: rows[k]["baseline_val"]["mean"], default=None)
 
 
@@ -305,6 +349,12 @@ def population(A: Arms) -> dict:
                        "population_share": ci((x - y) / (z - y) for x, y, z in zip(k1, mix, b)),
                        "population_gain_vs_prior_top_member": ci(x - y for x, y in zip(top, mix)),
                        "q0_mixture": ci(mix), "q0_best_member_val_oracle": ci(k1), "q0_prior_top_member": ci(top)}
+        fb = [A.q0_best_member_on_fitness(E, s) for s in SEEDS]
+        if None not in fb:                  # the same split with q0's best member chosen on fitness: no oracle
+            out[str(E)].update(recipe_gain_fitness_chosen=ci(x - y for x, y in zip(b, fb)),
+                               population_gain_fitness_chosen=ci(x - y for x, y in zip(fb, mix)),
+                               population_share_fitness_chosen=ci((x - y) / (z - y) for x, y, z in zip(fb, mix, b)),
+                               q0_best_member_on_fitness=ci(fb))
     return out
 
 
@@ -424,10 +474,10 @@ def readme_derived(results: Path) -> dict:
     return out
 
 
-def compute(ledger_path: Path, report_path: Path, results: Path) -> dict:
+def compute(ledger_path: Path, report_path: Path, results: Path, study: Path | None = None) -> dict:
     L = Ledger(ledger_path)
     data = json.loads(report_path.read_text())["data"]
-    A = Arms(L, data)
+    A = Arms(L, data, study)
     eff = {s: A.q0_at(8, s)["epochs_actual"] / 8 for s in SEEDS}
     im = inference_matched(A)
     return {
@@ -448,6 +498,7 @@ def compute(ledger_path: Path, report_path: Path, results: Path) -> dict:
         "prior_gain_by_fitness_tokens_val": fitness_gain_by_size(L),
         "fitness_share": fitness_share(data),
         "honest_arms_finished": honest_progress(L),
+        "q0_members_from_study": {str(k): v for k, v in A.members_check.items()},
         "readme_derived": readme_derived(results),
         "splits": "every loss here is on the val split (12,010 tokens); every decision and K on the fitness split; "
                   "the ledger's runs predate the test split, so no figure is on test",
@@ -460,10 +511,13 @@ def compute(ledger_path: Path, report_path: Path, results: Path) -> dict:
     }
 
 
-def write(out: Path, ledger: Path, report: Path, plot_too: bool = True) -> dict:
+STUDY = RESULTS / "distill_retention_ledger.json"      # benchmarks/distill_retention.py: q0's per-snapshot fitness
+
+
+def write(out: Path, ledger: Path, report: Path, plot_too: bool = True, study: Path | None = STUDY) -> dict:
     """Compute and write the JSON, the markdown table and the inference plot into `out`."""
     from benchmarks.de_honest_md import markdown, plot
-    res = compute(Path(ledger).resolve(), Path(report), RESULTS)
+    res = compute(Path(ledger).resolve(), Path(report), RESULTS, study)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "data_efficiency_honest.json", res)
@@ -484,10 +538,11 @@ def main(argv=None) -> int:
     p.add_argument("--ledger", default=str(RESULTS / "data_efficiency_ledger.json"))
     p.add_argument("--report", default=str(RESULTS / "data_efficiency.json"), help="for its 'data' block")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--study", default=str(STUDY), help="the retention study's ledger (q0's per-snapshot fitness)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
     from benchmarks.de_honest_md import markdown
-    print(markdown(write(Path(a.out), Path(a.ledger), Path(a.report), not a.no_plot)))
+    print(markdown(write(Path(a.out), Path(a.ledger), Path(a.report), not a.no_plot, Path(a.study))))
     return 0
 
 

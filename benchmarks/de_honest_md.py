@@ -58,6 +58,14 @@ def markdown(r: dict) -> str:
         L.append(f"| {E} | {p['strongest_by_loss']} | {iv(p['total_gain'])} | {iv(p['recipe_gain'])} | "
                  f"{iv(p['population_gain'])} | {iv(p['population_share'], 2)} | "
                  f"{iv(p['population_gain_vs_prior_top_member'])} |")
+    if any("population_share_fitness_chosen" in r["population"][E] for E in BUDGETS):
+        L += ["", "The same split with q0's best single snapshot chosen on FITNESS (no oracle):", "",
+              "| epochs | q0 best member (fitness-chosen) | recipe | population | population share |", "|---|---|---|---|---|"]
+        for E in BUDGETS:
+            p = r["population"][E]
+            if "population_share_fitness_chosen" in p:
+                L.append(f"| {E} | {iv(p['q0_best_member_on_fitness'])} | {iv(p['recipe_gain_fitness_chosen'])} | "
+                         f"{iv(p['population_gain_fitness_chosen'])} | {iv(p['population_share_fitness_chosen'], 2)} |")
     L += ["", "## Ablations at 32 epochs (variant minus reference, paired; + = the variant is worse)", "",
           "| change | val delta | verdict (val) | fitness delta | verdict (fitness) |", "|---|---|---|---|---|"]
     for a in r["ablations_32"]:
@@ -80,6 +88,8 @@ def markdown(r: dict) -> str:
           f"{r['flop_model']['forward_per_token']:.4g}; {r['scored_tokens_per_snapshot']:,} tokens scored per snapshot.", ""]
     for k, v in r["readme_derived"].items():
         L.append(f"- {k}: {v['value']:.4f} ({v['source']})")
+    L += ["", "q0's per-snapshot fitness losses (benchmarks/distill_retention.py's re-run of the same q0 runs): " + "; ".join(
+        f"seed {k}: {v}" for k, v in r["q0_members_from_study"].items()) + "."]
     L += ["", f"Splits: {r['splits']}.", ""] + [f"- not in the ledger: {x}" for x in r["not_in_ledger"]]
     return "\n".join(L) + "\n"
 

@@ -125,3 +125,39 @@ def test_honest_arms_enter_every_table_once_finished_for_all_seeds(tmp_path):
     assert res["inference_strongest"]["8"]["2"] == "2"
     assert res["population"]["8"]["strongest_by_loss"] == de_honest.CALIBRATED
     assert "1-calibrated" in markdown(res)
+
+
+def test_q0_member_chosen_on_fitness_comes_from_a_reproduced_study_run(tmp_path):
+    """With the retention study's re-run of q0-s{s} (same fingerprint, every snapshot's val loss equal), q0 at
+    K = 1 is its best snapshot on FITNESS; a re-run that differs is not used. Synthetic study ledger."""
+    q0 = json.loads((R / "data_efficiency_ledger.json").read_text())["runs"]
+    runs = {}
+    for s in (0, 1, 2):
+        curve = q0[f"q0-s{s}"]["eval"][de_honest.Q0_KEY]["curve"]
+        rows = [{"cycle": c["cycle"], "val_loss": c["last_snapshot_val_loss"],
+                 "fitness_loss": 5.0 - (0.1 if c["cycle"] == 5 else 0.0) + 0.001 * c["cycle"]} for c in curve]
+        if s == 2:
+            rows[40]["val_loss"] += 1e-3                 # seed 2's re-run did not reproduce
+        runs[f"pop-s{s}"] = {"fingerprint": q0[f"q0-s{s}"]["fingerprint"], "kind": "q0",
+                             "eval": {"population_E64|k4,8": {"snapshots": rows}}}
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps({"runs": runs}))
+    L = de_honest.Ledger(R / "data_efficiency_ledger.json")
+    members, check = de_honest.q0_members_from_study(L, study)
+    assert sorted(members) == [0, 1] and check[2].startswith("not reproduced")
+    res = de_honest.compute(R / "data_efficiency_ledger.json", R / "data_efficiency.json", R, study)
+    A = de_honest.Arms(L, res["data"], study)
+    for s in (0, 1):
+        assert A.q0_best_member_on_fitness(8, s) == q0[f"q0-s{s}"]["eval"][de_honest.Q0_KEY]["curve"][5]["last_snapshot_val_loss"]
+        assert A.q0_best_member_on_fitness(4, s) == q0[f"q0-s{s}"]["eval"][de_honest.Q0_KEY]["curve"][0]["last_snapshot_val_loss"]
+    assert res["inference_matched"]["8"]["1-fitbest"]["q0_topk"] is None          # seed 2 missing: no cell
+    assert "population_share_fitness_chosen" not in res["population"]["8"]
+    runs["pop-s2"]["eval"]["population_E64|k4,8"]["snapshots"][40]["val_loss"] -= 1e-3
+    study.write_text(json.dumps({"runs": runs}))
+    res = de_honest.compute(R / "data_efficiency_ledger.json", R / "data_efficiency.json", R, study)
+    assert res["inference_matched"]["8"]["1-fitbest"]["q0_topk"]["n"] == 3
+    p = res["population"]["8"]
+    for t, r_, q in zip(p["total_gain"]["per_seed"], p["recipe_gain_fitness_chosen"]["per_seed"],
+                        p["population_gain_fitness_chosen"]["per_seed"]):
+        assert t == pytest.approx(r_ + q)
+    assert "chosen on FITNESS (no oracle)" in markdown(res)
