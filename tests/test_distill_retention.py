@@ -24,6 +24,16 @@ def _run(args, timeout=600):
     return p.stdout
 
 
+def _diff(a, b, path="") -> list[str]:
+    """Paths where two JSON values differ (with both values), for a readable failure."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in
+                (_diff(a.get(k), b.get(k), f"{path}/{k}") if k in a and k in b else [f"{path}/{k} only in one"])]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _diff(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
 def _ret(best, model, mix):
     from benchmarks.dr_report import MIN_GAIN_NATS
     return (best - model) / (best - mix) if best - mix > MIN_GAIN_NATS else None
@@ -123,7 +133,8 @@ def test_distill_retention_quick(embedded_data, tmp_path):
     assert not (tmp_path / "w2" / "students").exists()
     first = (out / "distill_retention.json").read_bytes()
     again = json.loads(first)
-    assert again["one_factor"] == res["one_factor"] and again["grid"] == res["grid"]
+    diffs = _diff(res["one_factor"], again["one_factor"], "one_factor") + _diff(res["grid"], again["grid"], "grid")
+    assert not diffs, f"the ledger-only rerun differs from the first run: {diffs[:10]}"
     _run(args2 + ["--report-only"])
     assert (out / "distill_retention.json").read_bytes() == first
 
