@@ -221,10 +221,15 @@ class Arms:
         return min(rows, key=lambda r: r["fitness_loss"])["val_loss"] if len(rows) == E else None
 
 
+START_TOL, DRIFT_TOL = 1e-5, 0.02       # nats: the same trajectory to rounding, not another run
+
+
 def q0_members_from_study(L: Ledger, study: Path | None) -> tuple[dict, dict]:
     """Per seed, every snapshot's fitness and val loss of q0-s{s}, from benchmarks/distill_retention.py's ledger
-    (its populations pop-s{s} are the same runs: same settings fingerprint, same data). Used only where the re-run
-    reproduced this ledger: same fingerprint and every snapshot's val loss equal to q0-s{s}'s to 1e-6.
+    (its populations pop-s{s} are the same runs: same settings fingerprint, same data), re-run on newer code. CPU
+    training is not bitwise stable across code versions: measured on seed 0, the first snapshot's val loss differs
+    by 1e-7 and the difference grows chaotically to 9e-3 nats by cycle 64. Used only where the re-run starts
+    within START_TOL and stays within DRIFT_TOL of q0-s{s} at every snapshot.
     -> ({seed: rows}, {seed: why it was or was not used})."""
     if study is None or not Path(study).is_file():
         return {}, {s: "no retention-study ledger" for s in SEEDS}
@@ -240,11 +245,12 @@ def q0_members_from_study(L: Ledger, study: Path | None) -> tuple[dict, dict]:
         else:
             rows = e["eval"][key]["snapshots"]
             ref = [r["last_snapshot_val_loss"] for r in q["eval"][Q0_KEY]["curve"]]
-            diff = max(abs(r["val_loss"] - v) for r, v in zip(rows, ref)) if len(rows) == len(ref) else math.inf
-            if diff <= 1e-6:
-                members[s], check[s] = rows, f"reproduced (max val difference {diff:.1e})"
+            d = [abs(r["val_loss"] - v) for r, v in zip(rows, ref)] if len(rows) == len(ref) else [math.inf]
+            if d[0] <= START_TOL and max(d) <= DRIFT_TOL:
+                members[s], check[s] = rows, (f"reproduced to rounding: first snapshot's val differs by {d[0]:.1e}, "
+                                              f"at most {max(d):.1e} over {len(d)} cycles")
             else:
-                check[s] = f"not reproduced (max val difference {diff:.3g}): not used"
+                check[s] = f"not reproduced (val differs by {d[0]:.3g} at the first snapshot, {max(d):.3g} at most): not used"
     return members, check
 
 

@@ -136,8 +136,9 @@ def test_q0_member_chosen_on_fitness_comes_from_a_reproduced_study_run(tmp_path)
         curve = q0[f"q0-s{s}"]["eval"][de_honest.Q0_KEY]["curve"]
         rows = [{"cycle": c["cycle"], "val_loss": c["last_snapshot_val_loss"],
                  "fitness_loss": 5.0 - (0.1 if c["cycle"] == 5 else 0.0) + 0.001 * c["cycle"]} for c in curve]
+        rows[40]["val_loss"] += 0.01                     # rounding differences grow over 64 cycles: accepted
         if s == 2:
-            rows[40]["val_loss"] += 1e-3                 # seed 2's re-run did not reproduce
+            rows[0]["val_loss"] += 1e-3                  # seed 2's re-run started elsewhere: not the same run
         runs[f"pop-s{s}"] = {"fingerprint": q0[f"q0-s{s}"]["fingerprint"], "kind": "q0",
                              "eval": {"population_E64|k4,8": {"snapshots": rows}}}
     study = tmp_path / "study.json"
@@ -152,7 +153,7 @@ def test_q0_member_chosen_on_fitness_comes_from_a_reproduced_study_run(tmp_path)
         assert A.q0_best_member_on_fitness(4, s) == q0[f"q0-s{s}"]["eval"][de_honest.Q0_KEY]["curve"][0]["last_snapshot_val_loss"]
     assert res["inference_matched"]["8"]["1-fitbest"]["q0_topk"] is None          # seed 2 missing: no cell
     assert "population_share_fitness_chosen" not in res["population"]["8"]
-    runs["pop-s2"]["eval"]["population_E64|k4,8"]["snapshots"][40]["val_loss"] -= 1e-3
+    runs["pop-s2"]["eval"]["population_E64|k4,8"]["snapshots"][0]["val_loss"] -= 1e-3
     study.write_text(json.dumps({"runs": runs}))
     res = de_honest.compute(R / "data_efficiency_ledger.json", R / "data_efficiency.json", R, study)
     assert res["inference_matched"]["8"]["1-fitbest"]["q0_topk"]["n"] == 3
