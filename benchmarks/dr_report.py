@@ -24,6 +24,7 @@ from pathlib import Path
 
 from benchmarks import de_jobs, dr_arms
 from benchmarks.common import write_json
+from benchmarks.de_eval import _nll
 
 GOAL_RETENTION, GOAL_COMPUTE_SHARE = 0.80, 0.25
 MIN_GAIN_NATS = 1e-4            # a mixture gain below this leaves retention undefined (None)
@@ -59,10 +60,6 @@ def retention(best: float, model: float, mixture: float):
     and a ratio over it is noise)."""
     gain = best - mixture
     return (best - model) / gain if gain > MIN_GAIN_NATS else None
-
-
-def _nll(p) -> float:
-    return -p.clamp_min(1e-30).log().double().mean().item()
 
 
 # ------------------------------------------------------------------ evaluation of finished runs
@@ -116,9 +113,8 @@ def prior_by_fitness_tokens(F) -> dict:
     out = {"held_out_tokens": FITNESS_HELD_OUT, "uniform_held_out_loss": mixture_nll(held, [1.0 / M] * M), "by_n": {}}
     for n in FITNESS_SIZES:
         if n <= F.shape[1] - FITNESS_HELD_OUT:
-            w = fit_prior(F[:, :n], steps=PRIOR_STEPS, lr=PRIOR_LR, clip=PRIOR_CLIP).weights
-            out["by_n"][str(n)] = {"held_out_loss": mixture_nll(held, w),
-                                   "gain_over_uniform": out["uniform_held_out_loss"] - mixture_nll(held, w)}
+            loss = mixture_nll(held, fit_prior(F[:, :n], steps=PRIOR_STEPS, lr=PRIOR_LR, clip=PRIOR_CLIP).weights)
+            out["by_n"][str(n)] = {"held_out_loss": loss, "gain_over_uniform": out["uniform_held_out_loss"] - loss}
     return out
 
 
