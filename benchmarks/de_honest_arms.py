@@ -21,6 +21,12 @@ LRS, WDS = (7.5e-4, 1.5e-3, 3e-3), (0.01, 0.1, 1.0, 3.0)      # around the 16-ep
 TIER = 6                                                       # after every existing arm
 
 
+def tier(args, E: float) -> int:
+    """Budgets in ascending order, one tier each, so a cheap budget's grid AND its sfit/pfit arms finish before
+    the next budget's grid starts: a stopped session leaves whole budget rows, not a half of every grid."""
+    return TIER + sorted(args.budgets).index(E)
+
+
 EXTEND = {"lr": 2.0, "wd": 3.0}                                # one step beyond an edge of the grid
 MAX_EXTENSIONS = 2                                             # per budget: a bound on the grid's cost
 
@@ -29,7 +35,7 @@ def grid_run(args, data, E: float, lr: float, wd: float) -> Run:
     r = {"lr": lr, "wd": wd}
     run = Run(f"tuneE{E:g}-lr{lr:g}-wd{wd:g}", "tuneE", 0, info={"recipe": r, "budget": E})
     run.cfg = baseline_cfg(args, data, Path(args.work) / run.name, E, r, 900, 1, per_epoch=True)
-    run.base_tiers = [TIER]
+    run.base_tiers = [tier(args, E)]
     return run
 
 
@@ -95,7 +101,7 @@ def build(args, data, assume: dict | None = None) -> list[Run]:
         for s in range(args.seeds):
             run = Run(f"sfit-E{E:g}-s{s}", "sfit", s, info={"budget": E, "recipe": recipe, "tuned": rec})
             run.cfg = baseline_cfg(args, data, work / run.name, E, recipe, 1000 + 100 * s, 1, per_epoch=True)
-            run.base_tiers = [TIER]
+            run.base_tiers = [tier(args, E)]
             runs.append(run)
             for M in args.ensemble_sizes:
                 L = E / M
@@ -104,7 +110,7 @@ def build(args, data, assume: dict | None = None) -> list[Run]:
                 run = Run(f"pfit-E{E:g}-M{M}-s{s}", "pfit", s, info={"budget": E, "M": M, "member_epochs": L,
                                                                        "recipe": recipe})
                 run.cfg = baseline_cfg(args, data, work / run.name, L, recipe, 2000 + 100 * s, M, per_epoch=True)
-                run.base_tiers = [TIER] * M
+                run.base_tiers = [tier(args, E)] * M
                 runs.append(run)
     return runs
 

@@ -66,6 +66,20 @@ def markdown(r: dict) -> str:
             if "population_share_fitness_chosen" in p:
                 L.append(f"| {E} | {iv(p['q0_best_member_on_fitness'])} | {iv(p['recipe_gain_fitness_chosen'])} | "
                          f"{iv(p['population_gain_fitness_chosen'])} | {iv(p['population_share_fitness_chosen'], 2)} |")
+    if r.get("population_in_study"):
+        L += ["", "The split on ONE run per seed, nothing chosen on val (benchmarks/distill_retention.py's populations "
+              "pop-s{s}: q0-s{s}'s settings re-run, every snapshot scored on fitness, val and test): q0 at K = 1 = "
+              "its snapshot with the lowest fitness loss; population = the prior's top-K mixture of the same run "
+              "minus that snapshot; baseline = the strongest by val among the finished baselines above.", "",
+              "| epochs | K | baseline | q0 K=1 (fitness-chosen) | q0 top-K | total gain | recipe | population | "
+              "population share | population (test) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for E, p in r["population_in_study"].items():
+            for K in ("4", "8"):
+                k = p[f"K{K}"]
+                L.append(f"| {E} | {K} | {p['strongest_by_loss']} {iv(p['baseline_val'])} | "
+                         f"{iv(p['q0_k1_on_fitness_val'])} | {iv(k['q0_topk_val'])} | {iv(k['total_gain'])} | "
+                         f"{iv(p['recipe_gain'])} | {iv(k['population_gain'])} | {iv(k['population_share'], 2)} | "
+                         f"{iv(k['population_gain_test'])} |")
     L += ["", "## Ablations at 32 epochs (variant minus reference, paired; + = the variant is worse)", "",
           "| change | val delta | verdict (val) | fitness delta | verdict (fitness) |", "|---|---|---|---|---|"]
     for a in r["ablations_32"]:
@@ -76,6 +90,18 @@ def markdown(r: dict) -> str:
     for d in r["defaults_on_fitness"]:
         L.append(f"| {d['default']} | {d['figure']} | {iv(d['fitness_delta'], 4)} | {iv(d['val_delta'], 4)} | "
                  f"{d['was_decided_on']} | {d['decision']} ({d['strength']}) |")
+    fs = r.get("fitness_size_on_fitness")
+    if fs:
+        ns = list(fs["by_budget"][next(iter(fs["by_budget"]))])
+        L += ["", f"Fitness-set size on fitness alone: the prior fitted on the first n fitness tokens, scored on the "
+              f"last {fs['held_out_tokens']:,} (held out from every fit); gain over the uniform mixture on those "
+              "tokens (+ = the prior helps):", "",
+              "| epochs | " + " | ".join(f"n = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+        for E, rows in fs["by_budget"].items():
+            L.append(f"| {E} | " + " | ".join(iv(rows[n]["gain_over_uniform"]) for n in ns) + " |")
+        if fs["prior_loses_to_uniform_at_every_n"]:
+            L += ["", "At " + " and ".join(fs["prior_loses_to_uniform_at_every_n"]) + " epochs the fitted prior "
+                  "scores worse than the uniform mixture on the held-out fitness tokens at every n (interval below 0)."]
     f = r["fitness_share"]
     L += ["", "Budget-tuned arms finished (benchmarks/de_honest_arms.py; a table row needs every seed): " + ", ".join(
         f"{k} {v['finished']}/{v['planned']}" for k, v in r["honest_arms_finished"].items()) + ".", "",

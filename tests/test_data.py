@@ -14,7 +14,7 @@ import torch
 
 from q0ds import data as qd
 from q0ds.corpus import embedded_documents
-from q0ds.data import DataError, PreparedData, prepare
+from q0ds.data import FITNESS_TOKENS_DEFAULT, DataError, PreparedData, prepare
 
 N_SYNTH = 60
 
@@ -89,7 +89,7 @@ def test_embedded_prepare_splits(embedded):
     assert sorted(ids) == list(range(meta["n_docs"])) and len(ids) == len(set(ids))  # disjoint, complete
     counts = {s: int(sum(d.offsets[i + 1] - d.offsets[i] for i in r)) for s, r in zip(("fitness", "val", "train"), ranges)}
     assert counts == meta["n_tokens"]
-    assert counts["fitness"] >= 6000 and counts["val"] >= 12000
+    assert counts["fitness"] >= FITNESS_TOKENS_DEFAULT and counts["val"] >= 12000
     assert 55_000 <= counts["train"] <= 110_000  # the size cpu-scale.md asks for
     assert meta["vocab_size"] == 2048 and meta["dtype"] == "uint16"
     assert d.tokens.max() < meta["vocab_size"]

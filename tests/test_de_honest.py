@@ -137,6 +137,8 @@ def test_q0_member_chosen_on_fitness_comes_from_a_reproduced_study_run(tmp_path)
         rows = [{"cycle": c["cycle"], "val_loss": c["last_snapshot_val_loss"],
                  "fitness_loss": 5.0 - (0.1 if c["cycle"] == 5 else 0.0) + 0.001 * c["cycle"]} for c in curve]
         rows[40]["val_loss"] += 0.01                     # rounding differences grow over 64 cycles: accepted
+        if s == 1:
+            rows[50]["val_loss"] += 0.05                 # ... until they exceed DRIFT_TOL: budgets <= 50 only
         if s == 2:
             rows[0]["val_loss"] += 1e-3                  # seed 2's re-run started elsewhere: not the same run
         runs[f"pop-s{s}"] = {"fingerprint": q0[f"q0-s{s}"]["fingerprint"], "kind": "q0",
@@ -151,6 +153,8 @@ def test_q0_member_chosen_on_fitness_comes_from_a_reproduced_study_run(tmp_path)
     for s in (0, 1):
         assert A.q0_best_member_on_fitness(8, s) == q0[f"q0-s{s}"]["eval"][de_honest.Q0_KEY]["curve"][5]["last_snapshot_val_loss"]
         assert A.q0_best_member_on_fitness(4, s) == q0[f"q0-s{s}"]["eval"][de_honest.Q0_KEY]["curve"][0]["last_snapshot_val_loss"]
+    assert A.q0_best_member_on_fitness(64, 0) is not None and A.q0_best_member_on_fitness(64, 1) is None
+    assert "budgets <= 50" in check[1] and "budgets <= 64" in check[0]
     assert res["inference_matched"]["8"]["1-fitbest"]["q0_topk"] is None          # seed 2 missing: no cell
     assert "population_share_fitness_chosen" not in res["population"]["8"]
     runs["pop-s2"]["eval"]["population_E64|k4,8"]["snapshots"][0]["val_loss"] -= 1e-3
@@ -162,3 +166,43 @@ def test_q0_member_chosen_on_fitness_comes_from_a_reproduced_study_run(tmp_path)
                         p["population_gain_fitness_chosen"]["per_seed"]):
         assert t == pytest.approx(r_ + q)
     assert "chosen on FITNESS (no oracle)" in markdown(res)
+
+
+def _pop(gains: dict, k1: float, mix: dict) -> dict:
+    return {"best_on_fitness": {"val_loss": k1, "test_loss": k1 + 0.5},
+            "topk": {K: {"val_loss": v, "test_loss": v + 0.5} for K, v in mix.items()},
+            "prior_by_fitness_tokens": {"held_out_tokens": 4000, "by_n": {
+                n: {"held_out_loss": 5.0 - g, "gain_over_uniform": g} for n, g in gains.items()}}}
+
+
+def test_fitness_size_is_decided_on_held_out_fitness_tokens():
+    """default = the n with the lowest mean held-out loss when both budgets agree; floor = the size above the
+    largest n whose prior lost to uniform in every seed at every budget. Synthetic study populations."""
+    g32 = {"750": -0.1, "1500": -0.05, "3000": 0.02, "6000": 0.01}
+    g64 = {"750": -0.01, "1500": 0.03, "3000": 0.06, "6000": 0.02}
+    runs = {f"pop-s{s}": {"eval": {f"population_E{E}|k4,8": _pop(g, 4.6, {"4": 4.5, "8": 4.4})
+                                   for E, g in ((32, g32), (64, g64))}} for s in (0, 1, 2)}
+    fs = de_honest.fitness_size_on_fitness(runs)
+    assert fs["default"] == 3000 and fs["floor"] == 1500 and fs["harmful_n"] == [750]
+    assert fs["prior_loses_to_uniform_at_every_n"] == []
+    runs["pop-s2"]["eval"]["population_E64|k4,8"]["prior_by_fitness_tokens"]["by_n"]["750"]["gain_over_uniform"] = 0.01
+    assert de_honest.fitness_size_on_fitness(runs)["floor"] == 750         # no size hurt everywhere: no floor
+    g64["6000"] = 0.2
+    runs = {f"pop-s{s}": {"eval": {f"population_E{E}|k4,8": _pop(g, 4.6, {"4": 4.5, "8": 4.4})
+                                   for E, g in ((32, g32), (64, g64))}} for s in (0, 1, 2)}
+    assert de_honest.fitness_size_on_fitness(runs)["default"] is None          # the budgets disagree: not decided
+    assert de_honest.fitness_size_on_fitness({}) is None
+
+
+def test_committed_fitness_size_decision_is_the_code_default(res):
+    """q0ds's default fitness size and warning floor are what the committed fitness-only figures decide."""
+    row = next(d for d in res["defaults_on_fitness"] if d["default"].startswith("fitness-set size"))
+    assert row["matches_code"], row
+
+
+def test_population_split_on_one_run_decomposes(res):
+    for E, p in res["population_in_study"].items():
+        for K in ("4", "8"):
+            k = p[f"K{K}"]
+            for t, r_, q in zip(k["total_gain"]["per_seed"], p["recipe_gain"]["per_seed"], k["population_gain"]["per_seed"]):
+                assert t == pytest.approx(r_ + q), (E, K)
