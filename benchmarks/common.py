@@ -10,6 +10,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# two-sided 95% Student t quantiles t_{0.975, df} (scipy.stats.t.ppf(0.975, df), 6 decimals, so that the
+# intervals need no scipy)
+T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582, 6: 2.446912, 7: 2.364624, 8: 2.306004,
+        9: 2.262157, 10: 2.228139, 11: 2.200985, 12: 2.178813, 13: 2.160369, 14: 2.144787, 15: 2.13145,
+        16: 2.119905, 17: 2.109816, 18: 2.100922, 19: 2.093024, 20: 2.085963, 21: 2.079614, 22: 2.073873,
+        23: 2.068658, 24: 2.063899, 25: 2.059539, 26: 2.055529, 27: 2.051831, 28: 2.048407, 29: 2.04523,
+        30: 2.042272, 40: 2.021075, 60: 2.000298, 120: 1.97993}
+
+
+def t975(df: int) -> float:
+    """t_{0.975, df}; between table rows the row below (a wider interval), beyond 120 the normal 1.96."""
+    return T975[max(k for k in T975 if k <= df)] if df <= 120 else 1.96
+
+
+def ci(xs, single: bool = False) -> dict | None:
+    """Mean and 95% t interval over seeds of the non-None values: {mean, lo, hi, n, per_seed}. With fewer than
+    2 values: None, or with single=True (one value) the mean with lo = hi = None."""
+    import math
+    xs = [float(x) for x in xs if x is not None]
+    if not xs or (len(xs) < 2 and not single):
+        return None
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return {"mean": m, "lo": None, "hi": None, "n": 1, "per_seed": xs}
+    h = t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return {"mean": m, "lo": m - h, "hi": m + h, "n": len(xs), "per_seed": xs}
+
 
 def env_defaults() -> None:
     """The CPU DeepSpeed environment (deepspeed.md sections 11-12); call before anything imports deepspeed."""

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import ROOT, write_json  # noqa: E402
+from benchmarks.common import ROOT, ci, write_json  # noqa: E402
 from q0ds.metrics import match_ratio  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -48,17 +48,6 @@ CALIBRATED = "single tuned at E, calibrated (T on fitness)"
 
 def fitstop(M: int) -> str:
     return f"ensemble M={M} tuned at E, fitness-stopped"
-
-
-def ci(xs) -> dict | None:
-    """mean and 95% t interval of the non-None values (n >= 2), else None."""
-    from scipy.stats import t
-    xs = [float(x) for x in xs if x is not None]
-    if len(xs) < 2:
-        return None
-    m, sd = statistics.fmean(xs), statistics.stdev(xs)
-    h = t.ppf(0.975, len(xs) - 1) * sd / math.sqrt(len(xs))
-    return {"mean": m, "lo": m - h, "hi": m + h, "n": len(xs), "per_seed": xs}
 
 
 def verdict(d: dict | None, n_label: str = "n = 3") -> str:

@@ -23,35 +23,18 @@ import statistics
 from pathlib import Path
 
 from benchmarks import de_jobs, dr_arms
-from benchmarks.common import write_json
+from benchmarks.common import ci as common_ci, write_json
 from benchmarks.de_eval import _nll
 
 GOAL_RETENTION, GOAL_COMPUTE_SHARE = 0.80, 0.25
 MIN_GAIN_NATS = 1e-4            # a mixture gain below this leaves retention undefined (None)
 TRUNCATION_NS, TRUNCATION_WINDOWS, TRUNCATION_REPEATS = (8, 32, 128), 64, 5   # the cache's approximation
 SATURATION_STEP = 0.05          # the retention curve saturates where the next doubling adds less than this
-# two-sided 95% Student t quantiles t_{0.975, df} (scipy.stats.t.ppf(0.975, df), rounded to 4 digits)
-T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.3646, 8: 2.3060, 9: 2.2622,
-        10: 2.2281, 11: 2.2010, 12: 2.1788, 13: 2.1604, 14: 2.1448, 15: 2.1314, 16: 2.1199, 17: 2.1098,
-        18: 2.1009, 19: 2.0930, 20: 2.0860, 25: 2.0595, 30: 2.0423, 40: 2.0211, 60: 2.0003, 120: 1.9799}
-
-
-def t975(df: int) -> float:
-    """t_{0.975, df}; between table rows the row below (a wider interval), beyond 120 the normal 1.96."""
-    return T975[max(k for k in T975 if k <= df)] if df <= 120 else 1.96
 
 
 def ci(xs) -> dict | None:
-    """mean and 95% t interval of the non-None values (benchmarks/de_honest.py ci(), without scipy); one value:
-    the mean with no interval; none: None."""
-    xs = [float(x) for x in xs if x is not None]
-    if not xs:
-        return None
-    m = statistics.fmean(xs)
-    if len(xs) < 2:
-        return {"mean": m, "lo": None, "hi": None, "n": 1, "per_seed": xs}
-    h = t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
-    return {"mean": m, "lo": m - h, "hi": m + h, "n": len(xs), "per_seed": xs}
+    """benchmarks.common.ci; one value: the mean with no interval."""
+    return common_ci(xs, single=True)
 
 
 def retention(best: float, model: float, mixture: float):

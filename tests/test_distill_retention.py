@@ -6,7 +6,9 @@ control retention and compute share recomputed from the numbers the ledger store
 table from the ledger's measurements; a rerun in an EMPTY work dir trains nothing (the ledger); `--report-only` writes the same JSON
 byte for byte."""
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -146,16 +148,21 @@ def test_distill_retention_quick(embedded_data, tmp_path):
     assert (out / "distill_retention.json").read_bytes() == first
 
 
-def test_interval_is_de_honests_t_interval():
-    """dr_report.ci (a t table: scipy is not a dependency) equals benchmarks/de_honest.py's ci() where scipy exists."""
-    pytest.importorskip("scipy")
-    from benchmarks.de_honest import ci as honest
+def test_interval_is_the_t_interval():
+    """benchmarks.common.ci (a t table: scipy is not a dependency) is the 95% Student t interval where scipy
+    exists; dr_report keeps a single seed's mean, de_honest drops it."""
+    from benchmarks import de_honest
+    from benchmarks.common import T975, ci as common_ci
     from benchmarks.dr_report import ci, retention
+    t = pytest.importorskip("scipy.stats").t
+    for df, q in T975.items():
+        assert q == pytest.approx(t.ppf(0.975, df), abs=1e-6)
     for xs in ([0.5, 0.7], [0.61, 0.83, 0.72], [0.1 * i for i in range(1, 14)]):
-        a, b = ci(xs), honest(xs)
-        assert a["n"] == b["n"] and a["mean"] == b["mean"]
-        assert a["lo"] == pytest.approx(b["lo"], abs=1e-4) and a["hi"] == pytest.approx(b["hi"], abs=1e-4)
-    assert ci([0.4])["lo"] is None and ci([None]) is None
+        a = ci(xs)
+        h = t.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+        assert a == common_ci(xs) and a["mean"] == pytest.approx(statistics.fmean(xs))
+        assert a["hi"] - a["mean"] == pytest.approx(h, rel=1e-6)
+    assert ci([0.4])["lo"] is None and ci([None]) is None and de_honest.ci([0.4]) is None
     assert retention(5.0, 4.95, 4.9) == pytest.approx(0.5) and retention(5.0, 4.9, 5.0 - 1e-6) is None
 
 
