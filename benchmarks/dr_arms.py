@@ -26,7 +26,9 @@ from benchmarks import de_arms
 from benchmarks.de_arms import Run
 
 # The reference student: the defaults of `q0ds distill-ensemble` today (ensemble_distill.DEFAULTS), K = 4.
-REFERENCE = {"init": "top1", "alpha": 0.9, "T": 1.0, "epochs": 2, "cache": 0, "k": 4}
+# lr: the student's peak LR, the population's optim.lr (the small preset's 3e-3); an override (and a part of the
+# student's name) only where a variant changes it, so the reference students' recorded settings stay as they were.
+REFERENCE = {"init": "top1", "alpha": 0.9, "T": 1.0, "epochs": 2, "cache": 0, "k": 4, "lr": 3e-3}
 
 # One-factor-at-a-time variants of the reference: name -> (family, label, changed settings).
 # ensemble.init=avg and ensemble.teacher_cache=N come from branch `cache` (not on this branch when written).
@@ -41,11 +43,14 @@ VARIANTS = {
     "ep4": ("length", "4 student epochs", {"epochs": 4}),
     "ep8": ("length", "8 student epochs", {"epochs": 8}),
     "cache32": ("teacher", "cached top-32 teacher (ensemble.teacher_cache=32)", {"cache": 32}),
+    "lr1e-3": ("lr", "student peak LR 1e-3 (the population's 3e-3 / 3): the no-teacher control from the best "
+                     "member gets worse at 3e-3, so the re-warmed LR may undo the start", {"lr": 1e-3}),
     "k8": ("k", "K = 8 members in the teacher mixture", {"k": 8}),
 }
 # families whose winner (on FITNESS retention, within the compute cap) is carried to every (budget, K) cell
-SELECT_FAMILIES = ("loss", "temperature", "init", "length", "teacher")
-SETTING_OF_FAMILY = {"loss": "alpha", "temperature": "T", "init": "init", "length": "epochs", "teacher": "cache"}
+SELECT_FAMILIES = ("loss", "temperature", "init", "length", "teacher", "lr")
+SETTING_OF_FAMILY = {"loss": "alpha", "temperature": "T", "init": "init", "length": "epochs", "teacher": "cache",
+                     "lr": "lr"}
 
 
 def settings_of(arm: str, k: int | None = None) -> dict:
@@ -55,14 +60,18 @@ def settings_of(arm: str, k: int | None = None) -> dict:
     return s
 
 
+def _lr_tag(s: dict) -> str:
+    return f"-lr{s['lr']:g}" if s.get("lr", REFERENCE["lr"]) != REFERENCE["lr"] else ""
+
+
 def settings_key(s: dict) -> str:
-    return f"{s['init']}-a{s['alpha']:g}-T{s['T']:g}-ep{s['epochs']:g}-c{s['cache']}"
+    return f"{s['init']}-a{s['alpha']:g}-T{s['T']:g}-ep{s['epochs']:g}-c{s['cache']}" + _lr_tag(s)
 
 
 def control_settings(s: dict, k_default: int) -> dict:
     """The no-teacher control of settings s: alpha 0, same init and length; K only matters for init=avg."""
     return {"init": s["init"], "alpha": 0.0, "T": 1.0, "epochs": s["epochs"], "cache": 0,
-            "k": s["k"] if s["init"] == "avg" else k_default}
+            "k": s["k"] if s["init"] == "avg" else k_default, "lr": s.get("lr", REFERENCE["lr"])}
 
 
 def overrides_of(s: dict, student_cycle_epochs: float) -> list[str]:
@@ -73,6 +82,8 @@ def overrides_of(s: dict, student_cycle_epochs: float) -> list[str]:
           f"schedule.cycles={int(s['epochs'])}", f"schedule.cycle_epochs={student_cycle_epochs!r}"]
     if s["cache"]:
         ov.append(f"ensemble.teacher_cache={s['cache']}")
+    if _lr_tag(s):
+        ov.append(f"optim.lr={s['lr']!r}")
     return ov
 
 
@@ -85,7 +96,8 @@ def student_name(E, s: dict, seed: int) -> str:
 
 
 def control_name(E, c: dict, seed: int) -> str:
-    return f"ctl-E{_b(E)}-{c['init']}-ep{c['epochs']:g}" + (f"-k{c['k']}" if c["init"] == "avg" else "") + f"-s{seed}"
+    return (f"ctl-E{_b(E)}-{c['init']}-ep{c['epochs']:g}" + (f"-k{c['k']}" if c["init"] == "avg" else "") + _lr_tag(c)
+            + f"-s{seed}")
 
 
 def prefix_dir(args, E, seed: int) -> Path:

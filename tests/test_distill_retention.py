@@ -181,3 +181,19 @@ def test_prior_by_fitness_tokens_fits_on_the_front_and_scores_the_held_out_tail(
     r2 = dr_report.prior_by_fitness_tokens(F2)
     assert r2["uniform_held_out_loss"] == pytest.approx(r["uniform_held_out_loss"])   # the tail is untouched
     assert all(row["gain_over_uniform"] < 0 for row in r2["by_n"].values())     # fitted on the front only
+
+
+def test_lr_variant_changes_only_its_own_students():
+    """The student-LR arm passes optim.lr and tags its student and control names; the reference's overrides (the
+    ledger's fingerprints of every finished student) are exactly as before the arm existed."""
+    from benchmarks import dr_arms
+    ref, lr = dr_arms.settings_of("ref"), dr_arms.settings_of("lr1e-3")
+    assert dr_arms.overrides_of(ref, 1.0) == ["ensemble.init=top1", "distill.alpha=0.9", "distill.temperature=1.0",
+                                              "schedule.cycles=2", "schedule.cycle_epochs=1.0"]
+    assert dr_arms.overrides_of(lr, 1.0)[-1] == "optim.lr=0.001"
+    assert dr_arms.student_name(32, ref, 0) == "st-E32-k4-top1-a0.9-T1-ep2-c0-s0"
+    assert dr_arms.student_name(32, lr, 0).endswith("-c0-lr0.001-s0")
+    c = dr_arms.control_settings(lr, 4)
+    assert dr_arms.control_name(32, c, 0) == "ctl-E32-top1-ep2-lr0.001-s0"
+    assert dr_arms.overrides_of(c, 1.0)[-1] == "optim.lr=0.001"
+    assert dr_arms.control_name(32, dr_arms.control_settings(ref, 4), 0) == "ctl-E32-top1-ep2-s0"
