@@ -89,8 +89,12 @@ def parse_args(argv=None):
     p.add_argument("--student-cycle-epochs", type=float, default=None,
                    help="a student's cycle length; its 'epochs' setting is a number of such cycles (default 1)")
     add_data_args(p, "population config key=value")
+    p.add_argument("--length-curve", action=argparse.BooleanOptionalAction, default=None,
+                   help="the reference at every student length of --arms at every (budget, K) cell, so each cell has "
+                        "its own retention-vs-length curve (default on; off with --quick)")
     p.add_argument("--max-tier", type=int, default=99, help="train only jobs up to this tier (0 populations, "
-                   "1 reference, 2 one-factor variants, 3 reference at every cell, 4 selected settings there)")
+                   "1 reference, 2 one-factor variants, 3 reference at every cell, 4 selected settings there, "
+                   "5 the length curve at every cell)")
     p.add_argument("--work", default=str(DEFAULT_WORK))
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--quick", action="store_true", help="tiny model (LR 0.02), budgets 3 and 4 in half-epoch cycles, "
@@ -105,6 +109,7 @@ def parse_args(argv=None):
         # top-2 mixture beat its best member (measured: by 0.017 nats on val), so retention is defined
         a.overrides = ["optim.lr=0.02"]
     a.seeds = (1 if q else 3) if a.seeds is None else a.seeds
+    a.length_curve = (not q) if a.length_curve is None else a.length_curve
     a.ks = a.ks or ([2] if q else [4, 8])
     a.arms = (a.arms or (QUICK_ARMS if q else ",".join(dr_arms.VARIANTS))).split(",")
     a.cycle_epochs = a.cycle_epochs or (0.5 if q else 1.0)

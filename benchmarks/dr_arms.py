@@ -134,9 +134,16 @@ def grid_arms(selection: dict | None) -> list[tuple[str, dict]]:
     return arms
 
 
+def length_arms(args) -> list[str]:
+    """The length family's arms of --arms when the length curve runs at every cell (--length-curve), else none."""
+    return [a for a in args.arms if VARIANTS[a][0] == "length"] if getattr(args, "length_curve", False) else []
+
+
 def student_runs(args, pops: list[Run], selection: dict | None) -> list[Run]:
     """Students and controls; tier 1: the reference (+ control) at (min budget, first K); 2: the one-factor
-    variants; 3: the reference at the other cells; 4: the selected variants there."""
+    variants; 3: the reference at the other cells; 4: the selected variants there; 5: the reference at every
+    length of the length family at the other cells (--length-curve: each cell's own retention-vs-length curve,
+    and the longest student within the compute cap where the population's FLOPs allow it)."""
     E0, K0 = min(args.budgets), args.ks[0]
     planned = []                                           # (tier, E, settings, arm label)
     for arm in args.arms:
@@ -148,6 +155,11 @@ def student_runs(args, pops: list[Run], selection: dict | None) -> list[Run]:
         for E in args.budgets:
             for K in args.ks:
                 planned.append((3 if arm == "ref" else 4, E, dict(s, k=K), arm, "grid"))
+    for arm in length_arms(args):
+        for E in args.budgets:
+            for K in args.ks:
+                if (E, K) != (E0, K0):
+                    planned.append((5, E, dict(settings_of(arm), k=K), arm, "curve"))
     by_name: dict[str, Run] = {}
     out = []
 

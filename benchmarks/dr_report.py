@@ -298,16 +298,33 @@ def select(args, of: dict) -> dict | None:
 
 
 def grid(args, C, by, fm, selection) -> dict:
+    """Per (budget, K) cell: the reference, the selected settings and (--length-curve) the reference at every
+    student length; complete rows only."""
     out = {}
     for E in args.budgets:
         for K in args.ks:
             rows = []
-            for arm, s in dr_arms.grid_arms(selection):
+            arms = dr_arms.grid_arms(selection)
+            arms += [(a, dr_arms.settings_of(a)) for a in dr_arms.length_arms(args) if a not in dict(arms)]
+            for arm, s in arms:
                 label = dr_arms.VARIANTS[arm][1] if arm in dr_arms.VARIANTS else "all selected settings combined"
                 row = arm_row(args, C, by, fm, arm, label, E, dict(s, k=K))
                 if row["n"]:
                     rows.append(row)
             out[f"E{dr_arms._b(E)}/k{K}"] = rows
+    return out
+
+
+def cell_curves(grid_rows: dict) -> dict:
+    """Per cell, the reference's retention vs student length (the reference and the length family's rows) and
+    where it saturates."""
+    out = {}
+    for cell, rows in grid_rows.items():
+        ref = dr_arms.settings_key(dict(dr_arms.settings_of("ref"), epochs=0))
+        pts = sorted(({"epochs": r["student_epochs"]["mean"], "retained": r["retained"], "n": r["n"],
+                       "compute_share": r["compute_share"], "arm": r["arm"]} for r in rows
+                      if dr_arms.settings_key(dict(r["settings"], epochs=0)) == ref), key=lambda p: p["epochs"])
+        out[cell] = {"points": pts, "saturation": saturation({"points": pts})}
     return out
 
 
@@ -462,6 +479,13 @@ def statements(args, res) -> list[str]:
                       f"{sat['saturates_at_epochs']:.3g} student epochs ({sat['retained']:.1%})." if sat["saturates_at_epochs"]
                       else f" The reference's curve has not saturated up to {sat['up_to_epochs']:.3g} epochs "
                            f"({sat['retained']:.1%})."))
+    sats = {c: v["saturation"] for c, v in res.get("cell_curves", {}).items() if v["saturation"] and len(v["points"]) > 2}
+    if sats:
+        out.append("Retention vs student length (reference settings) per cell: " + "; ".join(
+            f"{c}: " + (f"saturates at {v['saturates_at_epochs']:.3g} epochs ({v['retained']:.1%}; next "
+                        f"{v['next']['epochs']:.3g} epochs: {v['next']['retained']:.1%})" if v["saturates_at_epochs"]
+                        else f"still rising at {v['up_to_epochs']:.3g} epochs ({v['retained']:.1%})")
+            for c, v in sats.items()) + ".")
     return out
 
 
@@ -475,6 +499,7 @@ def report(args, data_info: dict, runs, command: str) -> dict:
     selection = selection or select(args, of)
     gr = grid(args, C, by, fm, selection)
     cv = curves(args, C, by, fm, of)
+    cc = cell_curves(gr)
     ref_line = next((l for l in cv if l["kind"] == "student" and "ref" in l["arms"]), None)
     sessions = L.doc["sessions"] if L is not None else []
     res = {
@@ -505,6 +530,7 @@ def report(args, data_info: dict, runs, command: str) -> dict:
         "grid": gr,
         "curves": cv,
         "saturation": saturation(ref_line),
+        "cell_curves": cc,
         "training_sessions": sessions,
         "training_wall_time_total_s": round(sum(x["end"] - x["start"] for x in sessions), 1),
         "notes": [
@@ -622,6 +648,12 @@ def markdown(res: dict) -> str:
     for ln in res["curves"]:
         L.append(f"- {ln['label']}: " + ", ".join(f"{p['epochs']:.3g} ep {_pct(p['retained'])} (n={p['n']})"
                                                    for p in ln["points"]))
+    if res.get("cell_curves"):
+        L += ["", "Per (budget, K) cell, the reference settings at every student length (retained on val; extra "
+              "compute):", "", "| cell | " + " | ".join(["student epochs: retained (extra compute)"]) + " |", "|---|---|"]
+        for cell, v in res["cell_curves"].items():
+            L.append(f"| {cell} | " + "; ".join(f"{p['epochs']:.3g}: {_pct(p['retained'])} ({p['compute_share']['mean']:.1%})"
+                                                for p in v["points"]) + " |")
     L += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(L) + "\n"
 
@@ -667,7 +699,7 @@ def truncation_markdown(t: dict) -> list[str]:
 def plot(res: dict, path: Path) -> None:
     from q0ds.report import pyplot, save_figure
     plt = pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(18, 4.6))
     for i, ln in enumerate(res["curves"]):
         pts = [p for p in ln["points"] if p["retained"]]
         if not pts:
@@ -683,18 +715,39 @@ def plot(res: dict, path: Path) -> None:
     a.set_xlabel("student epochs")
     a.set_ylabel("gain retained (val)")
     of = res["one_factor"]
-    a.set_title(f"budget {of['budget']:g}, K = {of['k']} (95% t intervals)")
+    lows = [p["retained"]["mean"] for ln in res["curves"] for p in ln["points"] if p["retained"]]
+    clipped = bool(lows) and min(lows) < -2.5
+    if clipped:                          # a scratch start sits near -800%: keep the other arms readable
+        a.set_ylim(-2.5, max(1.3, max(lows) + 0.1))
+    a.set_title(f"budget {of['budget']:g}, K = {of['k']} (95% t intervals)" + (", y clipped at -250%" if clipped else ""))
     if a.get_legend_handles_labels()[0]:
         a.legend(fontsize=7)
-    cells = [(c, r) for c, rows in res["grid"].items() for r in rows if r["retained"]]
+    for cell, v in res.get("cell_curves", {}).items():
+        pts = [p for p in v["points"] if p["retained"]]
+        if len(pts) > 1:
+            m = [p["retained"]["mean"] for p in pts]
+            err = [[x - (p["retained"]["lo"] if p["retained"]["lo"] is not None else x) for x, p in zip(m, pts)],
+                   [(p["retained"]["hi"] if p["retained"]["hi"] is not None else x) - x for x, p in zip(m, pts)]]
+            line = c.errorbar([p["epochs"] for p in pts], m, yerr=err, marker="o", capsize=3, label=cell)
+            over = [(p["epochs"], x) for p, x in zip(pts, m) if p["compute_share"]["mean"] > GOAL_COMPUTE_SHARE]
+            if over:                     # beyond the compute cap: hollow markers
+                c.plot(*zip(*over), "o", mfc="white", color=line[0].get_color())
+    c.axhline(GOAL_RETENTION, color="k", lw=0.8, ls=":")
+    c.set_xscale("log", base=2)
+    c.set_xlabel("student epochs")
+    c.set_ylabel("gain retained (val)")
+    c.set_title(f"reference settings, every cell (hollow: extra compute > {GOAL_COMPUTE_SHARE:.0%})")
+    if c.get_legend_handles_labels()[0]:
+        c.legend(fontsize=7)
+    cells = [(c_, r) for c_, rows in res["grid"].items() for r in rows if r["retained"]]
     arms = sorted({r["arm"] for _, r in cells})
     names = list(res["grid"])
     w = 0.8 / max(1, len(arms))
     for j, arm in enumerate(arms):
         xs, ys, es = [], [], []
-        for c, r in cells:
+        for c_, r in cells:
             if r["arm"] == arm:
-                xs.append(names.index(c) + j * w)
+                xs.append(names.index(c_) + j * w)
                 ys.append(r["retained"]["mean"])
                 es.append(r["retained"]["mean"] - r["retained"]["lo"] if r["retained"]["lo"] is not None else 0)
         b.bar(xs, ys, width=w, yerr=es, capsize=3, label=arm)
