@@ -525,6 +525,31 @@ def honest_progress(L: Ledger) -> dict:
     return {k: {"finished": done[k], "planned": planned[k]} for k in planned}
 
 
+def budget_grids(L: Ledger) -> dict:
+    """Per budget, the finished points of the budget-tuned LR x WD grid (de_honest_arms, seed 0): each point's
+    fitness loss at its best fitness epoch and the val / test there; the best point on fitness so far, and on
+    which edges of the finished points it sits (the grid grows beyond an edge until the optimum is bracketed)."""
+    import re
+    out = {}
+    for name, e in L.runs.items():
+        m = re.fullmatch(r"tuneE([\d.]+)-lr([\d.e-]+)-wd([\d.e-]+)", name)
+        if not m or not e.get("complete", True) or "single_curve" not in e["eval"]:
+            continue
+        c = e["eval"]["single_curve"]
+        best = min(c["curve"], key=lambda p: p["fitness_loss"])
+        out.setdefault(m[1], []).append({"lr": float(m[2]), "wd": float(m[3]), "fitness_loss": best["fitness_loss"],
+                                         "best_fitness_epoch": best["epochs"], "val_loss": best["val_loss"],
+                                         "test_loss": best.get("test_loss")})
+    res = {}
+    for E, pts in sorted(out.items(), key=lambda x: float(x[0])):
+        pts.sort(key=lambda p: (p["lr"], p["wd"]))
+        win = min(pts, key=lambda p: p["fitness_loss"])
+        edges = [ax for ax in ("lr", "wd") if len({p[ax] for p in pts}) > 1
+                 and win[ax] in (min(p[ax] for p in pts), max(p[ax] for p in pts))]
+        res[E] = {"points": pts, "best_on_fitness": win, "best_on_edge_of_finished_points": edges}
+    return res
+
+
 def fitness_share(data: dict) -> dict:
     return {"fitness_tokens": data["fitness_tokens"], "train_tokens": data["train_tokens"],
             "share_of_train": data["fitness_tokens"] / data["train_tokens"],
@@ -583,6 +608,7 @@ def compute(ledger_path: Path, report_path: Path, results: Path, study: Path | N
         "prior_gain_by_fitness_tokens_val": fitness_gain_by_size(L),
         "fitness_share": fitness_share(data),
         "honest_arms_finished": honest_progress(L),
+        "budget_grids": budget_grids(L),
         "q0_members_from_study": {str(k): v for k, v in A.members_check.items()},
         "readme_derived": readme_derived(results),
         "splits": "every loss here is on the val split (12,010 tokens) unless a column says test; every decision "

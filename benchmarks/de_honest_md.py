@@ -102,6 +102,16 @@ def markdown(r: dict) -> str:
         if fs["prior_loses_to_uniform_at_every_n"]:
             L += ["", "At " + " and ".join(fs["prior_loses_to_uniform_at_every_n"]) + " epochs the fitted prior "
                   "scores worse than the uniform mixture on the held-out fitness tokens at every n (interval below 0)."]
+    if r.get("budget_grids"):
+        L += ["", "Budget-tuned grids so far (seed 0; each point at its best FITNESS epoch; the grid grows past an edge "
+              "until its best point is inside):", "",
+              "| epochs | points finished | best on fitness: LR / WD | its fitness | its val | its test | best fitness epoch | "
+              "on an edge of the finished points |", "|---|---|---|---|---|---|---|---|"]
+        for E, g in r["budget_grids"].items():
+            b = g["best_on_fitness"]
+            L.append(f"| {E} | {len(g['points'])} | {b['lr']:g} / {b['wd']:g} | {b['fitness_loss']:.3f} | "
+                     f"{b['val_loss']:.3f} | {'-' if b['test_loss'] is None else format(b['test_loss'], '.3f')} | "
+                     f"{b['best_fitness_epoch']:g} | {', '.join(g['best_on_edge_of_finished_points']) or 'no'} |")
     f = r["fitness_share"]
     L += ["", "Budget-tuned arms finished (benchmarks/de_honest_arms.py; a table row needs every seed): " + ", ".join(
         f"{k} {v['finished']}/{v['planned']}" for k, v in r["honest_arms_finished"].items()) + ".", "",

@@ -206,3 +206,11 @@ def test_population_split_on_one_run_decomposes(res):
             k = p[f"K{K}"]
             for t, r_, q in zip(k["total_gain"]["per_seed"], p["recipe_gain"]["per_seed"], k["population_gain"]["per_seed"]):
                 assert t == pytest.approx(r_ + q), (E, K)
+
+
+def test_budget_grids_report_the_fitness_best_point(res):
+    for E, g in res["budget_grids"].items():
+        assert g["best_on_fitness"]["fitness_loss"] == min(p["fitness_loss"] for p in g["points"]), E
+        for ax in g["best_on_edge_of_finished_points"]:
+            vals = [p[ax] for p in g["points"]]
+            assert g["best_on_fitness"][ax] in (min(vals), max(vals)), (E, ax)
