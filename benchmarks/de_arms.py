@@ -161,18 +161,22 @@ def build_runs(args, data, recipe: dict | None) -> list[Run]:
                 run.cfg = q0_cfg(args, data, work / run.name, lens, 100 * s)
                 run.base_tiers = [5]
                 runs.append(run)
-        # ensemble distillation of the reference's top-4 mixture into one model (q0ds distill-ensemble,
-        # defaults: 2 epochs from the top member), and the same training without a teacher (alpha 0)
+        # ensemble distillation of the reference's top-4 mixture into one model (q0ds distill-ensemble: the
+        # command's defaults when these ran, 2 epochs from the top member, pinned; the default is now 4), and the
+        # same training without a teacher (alpha 0)
         for s in range(min(args.seeds, args.distill_seeds)):
             src = next(r for r in runs if r.name == f"abl-ref-E{A:g}-s{s}")
             for name, ov in (("distill-k4", []), ("distill-k4-noteacher", ["distill.alpha=0"])):
                 out = src.run_dir / "distilled" / ("k4" if not ov else "k4-noteacher")
                 run = Run(f"{name}-s{s}", "distill", s, cfg=src.cfg, base_tiers=src.base_tiers, depends=[src],
                           info={"source": str(src.run_dir), "out": str(out), "k": 4,
-                                "overrides": ov + ([f"run_dir={out}"] if ov else [])})
+                                "overrides": [DISTILL_CYCLES] + ov + [f"run_dir={out}"]})
                 src.feeds.append(run)
                 runs.append(run)
     return runs
+
+
+DISTILL_CYCLES = "schedule.cycles=2"     # the distill arm's length: q0ds distill-ensemble's default until issue 21
 
 
 def write_configs(runs) -> None:
