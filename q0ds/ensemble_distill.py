@@ -61,11 +61,11 @@ MEASURED on 2 shared CPU cores (load 3-12), `small` model (0.95M params, vocab 2
       the cache for the plan's 96 windows took 19.3 s (engine builds and member hashing included).
   Quality, val NLL (nats/token); retained = (best member - student) / (best member - mixture):
     benchmarks/results/distill_retention.md (3 seeds; q0 populations of 32 and 64 one-epoch cycles, K = 4 and 8;
-    settings chosen on FITNESS retention): 4 student epochs keep 52-87% of the gain (2 epochs: 2-51%; 8 epochs
-    at 32 epochs / K = 4: 107%), which is why the default is 4; alpha 1, T 2 and init=avg were not separated
-    from the defaults at n = 3, and avg + alpha 1 + T 2 with 4 epochs kept less than 4 epochs alone at 3 of 4
-    cells; a top-32 teacher cache and a student LR of 1e-3 kept less. The single-seed figures below are older
-    (2 epochs was the default then):
+    settings chosen on FITNESS retention): 4 student epochs keep 52-87% of the gain (2 epochs: 2-51%;
+    8 epochs: 83-116%, at 22-70% of the population's compute), which is why the default is 4; alpha 1, T 2
+    and init=avg were not separated from the defaults at n = 3, and avg + alpha 1 + T 2 with 4 epochs kept
+    less than 4 epochs alone at 3 of 4 cells; a top-32 teacher cache and a student LR of 1e-3 kept less. The
+    single-seed figures below are older (2 epochs was the default then):
     runs/demo (2 bases x 12 one-epoch cycles, 24.6 epochs): best member 5.3434, top-4 (= top-2) mixture 5.2589
       defaults (top1, 2 epochs), K=4        5.2688   88% retained, 2.05 epochs (8% of the population's cost)
       same, K=2                             5.2688   88%
