@@ -522,7 +522,12 @@ def honest_progress(L: Ledger) -> dict:
     planned = {"tuneE": len(BUDGETS) * len(LRS) * len(WDS), "sfit": len(BUDGETS) * len(SEEDS),
                "pfit": len(BUDGETS) * len(ENSEMBLE_SIZES) * len(SEEDS)}
     done = {k: sum(1 for e in L.runs.values() if e.get("kind") == k and e.get("complete", True)) for k in planned}
-    return {k: {"finished": done[k], "planned": planned[k]} for k in planned}
+    out = {k: {"finished": done[k], "planned": planned[k]} for k in planned}
+    base = [f"tuneE{E}-lr{lr:g}-wd{wd:g}" for E in BUDGETS for lr in LRS for wd in WDS]
+    out["tuneE"].update(finished=sum(1 for n in base if n in L.runs and L.runs[n].get("complete", True)),
+                        extension_points_finished=done["tuneE"] - sum(1 for n in base if n in L.runs and
+                                                                      L.runs[n].get("complete", True)))
+    return out
 
 
 def budget_grids(L: Ledger) -> dict:

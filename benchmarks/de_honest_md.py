@@ -114,7 +114,9 @@ def markdown(r: dict) -> str:
                      f"{b['best_fitness_epoch']:g} | {', '.join(g['best_on_edge_of_finished_points']) or 'no'} |")
     f = r["fitness_share"]
     L += ["", "Budget-tuned arms finished (benchmarks/de_honest_arms.py; a table row needs every seed): " + ", ".join(
-        f"{k} {v['finished']}/{v['planned']}" for k, v in r["honest_arms_finished"].items()) + ".", "",
+        f"{k} {v['finished']}/{v['planned']}" + (f" of the base grids + {v['extension_points_finished']} points "
+                                                 "beyond their edges" if "extension_points_finished" in v else "")
+        for k, v in r["honest_arms_finished"].items()) + ".", "",
           f"Fitness set: {f['fitness_tokens']:,} tokens = {f['share_of_train']:.1%} of the {f['train_tokens']:,} "
           f"training tokens (paper: {f['paper_fitness_tokens']:,} of {f['paper_train_tokens']:,} = "
           f"{f['paper_share_of_train']:.2%}).",
