@@ -29,14 +29,19 @@ def test_regenerates_byte_identically(regenerated):
 
 
 def test_flop_ratio_below_epoch_ratio(res):
-    """q0 pays teacher forwards that the baselines do not: per FLOP its ratio is lower than per epoch."""
+    """q0 pays teacher forwards that the baselines do not: per FLOP its ratio is lower than per epoch once q0
+    matches the baseline after its distillation starts; matched in its first, undistilled cycles (a weak
+    baseline), no teacher is paid yet and the two ratios are equal."""
+    undistilled = de_honest.DISTILL_START * res["actual_epochs_per_nominal"]["q0_and_single"]
     for E, axes in res["three_way"].items():
         for name, row in axes["epoch"]["by_baseline"].items():
             e, f = row["ratio"]["per_seed"], axes["flop"]["by_baseline"][name]["ratio"]["per_seed"]
-            if row["lower_bound"]:               # matched by q0's first, undistilled cycle: no teacher paid yet
-                assert all(fs <= es + 1e-9 for fs, es in zip(f, e)), (E, name)
-            else:
-                assert all(fs < es for fs, es in zip(f, e)), (E, name)
+            q0_epochs = [c / r for c, r in zip(row["baseline_cost"]["per_seed"], e)]
+            for fs, es, q in zip(f, e, q0_epochs):
+                if row["lower_bound"] or q <= undistilled + 1e-9:
+                    assert fs <= es * (1 + 1e-9), (E, name)
+                else:
+                    assert fs < es, (E, name)
 
 
 def test_q0_flops_exceed_a_plain_run(res):
