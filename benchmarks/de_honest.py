@@ -416,7 +416,8 @@ def fitness_size_on_fitness(runs: dict) -> dict | None:
     harmful = [n for n in ns if all(x < 0 for E in by for x in by[E][str(n)]["gain_over_uniform"]["per_seed"])]
     above = [n for n in ns if n > max(harmful)] if harmful else ns
     return {"by_budget": by, "held_out_tokens": pops[STUDY_BUDGETS[0]][0]["prior_by_fitness_tokens"]["held_out_tokens"],
-            "best_n_by_budget": best, "best_n_per_seed": per_seed, "default": best[str(STUDY_BUDGETS[0])] if len(set(best.values())) == 1 else None,
+            "best_n_by_budget": best, "best_n_per_seed": per_seed,
+            "default": best[str(STUDY_BUDGETS[0])] if len(set(best.values())) == 1 else None,
             "harmful_n": harmful, "floor": above[0] if above else None,
             "prior_loses_to_uniform_at_every_n": [E for E, rows in by.items()
                                                   if all(r["gain_over_uniform"]["hi"] < 0 for r in rows.values())]}
@@ -523,10 +524,9 @@ def honest_progress(L: Ledger) -> dict:
                "pfit": len(BUDGETS) * len(ENSEMBLE_SIZES) * len(SEEDS)}
     done = {k: sum(1 for e in L.runs.values() if e.get("kind") == k and e.get("complete", True)) for k in planned}
     out = {k: {"finished": done[k], "planned": planned[k]} for k in planned}
-    base = [f"tuneE{E}-lr{lr:g}-wd{wd:g}" for E in BUDGETS for lr in LRS for wd in WDS]
-    out["tuneE"].update(finished=sum(1 for n in base if n in L.runs and L.runs[n].get("complete", True)),
-                        extension_points_finished=done["tuneE"] - sum(1 for n in base if n in L.runs and
-                                                                      L.runs[n].get("complete", True)))
+    base = sum(1 for n in (f"tuneE{E}-lr{lr:g}-wd{wd:g}" for E in BUDGETS for lr in LRS for wd in WDS)
+               if n in L.runs and L.runs[n].get("complete", True))
+    out["tuneE"].update(finished=base, extension_points_finished=done["tuneE"] - base)
     return out
 
 
@@ -535,6 +535,7 @@ def budget_grids(L: Ledger) -> dict:
     fitness loss at its best fitness epoch and the val / test there; the best point on fitness so far, and on
     which edges of the finished points it sits (the grid grows beyond an edge until the optimum is bracketed)."""
     import re
+    from benchmarks.de_honest_arms import edges
     out = {}
     for name, e in L.runs.items():
         m = re.fullmatch(r"tuneE([\d.]+)-lr([\d.e-]+)-wd([\d.e-]+)", name)
@@ -549,9 +550,7 @@ def budget_grids(L: Ledger) -> dict:
     for E, pts in sorted(out.items(), key=lambda x: float(x[0])):
         pts.sort(key=lambda p: (p["lr"], p["wd"]))
         win = min(pts, key=lambda p: p["fitness_loss"])
-        edges = [ax for ax in ("lr", "wd") if len({p[ax] for p in pts}) > 1
-                 and win[ax] in (min(p[ax] for p in pts), max(p[ax] for p in pts))]
-        res[E] = {"points": pts, "best_on_fitness": win, "best_on_edge_of_finished_points": edges}
+        res[E] = {"points": pts, "best_on_fitness": win, "best_on_edge_of_finished_points": edges(pts, win)}
     return res
 
 

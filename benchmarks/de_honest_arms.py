@@ -70,6 +70,16 @@ def grid_runs(args, data, E: float) -> list[Run]:
     raise AssertionError("unreachable")
 
 
+def edges(rows: list[dict], win: dict) -> list[str]:
+    """The axes ('lr', 'wd') on which the grid point `win` sits at an edge of the points `rows`."""
+    out = []
+    for ax in ("lr", "wd"):
+        vals = sorted({x[ax] for x in rows})
+        if len(vals) > 1 and win[ax] in (vals[0], vals[-1]):
+            out.append(ax)
+    return out
+
+
 def choose(args, grid_runs_E) -> dict | None:
     """The budget's recipe (lowest fitness loss at the best fitness epoch) once its grid is finished and no
     extension is pending (grid_runs); `bracketed` says whether it is inside the grid on both axes."""
@@ -78,11 +88,7 @@ def choose(args, grid_runs_E) -> dict | None:
         return None
     rows = _fitness_rows(grid_runs_E)
     win = min(rows, key=lambda x: x["fitness_loss"])
-    edge = []
-    for ax in ("lr", "wd"):
-        vals = sorted({x[ax] for x in rows})
-        if len(vals) > 1 and win[ax] in (vals[0], vals[-1]):
-            edge.append(ax)
+    edge = edges(rows, win)
     return {"lr": win["lr"], "wd": win["wd"], "bracketed": not edge, "on_edge": edge, "grid": rows}
 
 

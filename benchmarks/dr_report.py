@@ -318,9 +318,9 @@ def grid(args, C, by, fm, selection) -> dict:
 def cell_curves(grid_rows: dict) -> dict:
     """Per cell, the reference's retention vs student length (the reference and the length family's rows) and
     where it saturates."""
+    ref = dr_arms.settings_key(dict(dr_arms.settings_of("ref"), epochs=0))
     out = {}
     for cell, rows in grid_rows.items():
-        ref = dr_arms.settings_key(dict(dr_arms.settings_of("ref"), epochs=0))
         pts = sorted(({"epochs": r["student_epochs"]["mean"], "retained": r["retained"], "n": r["n"],
                        "compute_share": r["compute_share"], "arm": r["arm"]} for r in rows
                       if dr_arms.settings_key(dict(r["settings"], epochs=0)) == ref), key=lambda p: p["epochs"])
@@ -650,7 +650,7 @@ def markdown(res: dict) -> str:
                                                    for p in ln["points"]))
     if res.get("cell_curves"):
         L += ["", "Per (budget, K) cell, the reference settings at every student length (retained on val; extra "
-              "compute):", "", "| cell | " + " | ".join(["student epochs: retained (extra compute)"]) + " |", "|---|---|"]
+              "compute):", "", "| cell | student epochs: retained (extra compute) |", "|---|---|"]
         for cell, v in res["cell_curves"].items():
             L.append(f"| {cell} | " + "; ".join(f"{p['epochs']:.3g}: {_pct(p['retained'])} ({p['compute_share']['mean']:.1%})"
                                                 for p in v["points"]) + " |")
@@ -696,6 +696,13 @@ def truncation_markdown(t: dict) -> list[str]:
     return L
 
 
+def _yerr(pts) -> list[list[float]]:
+    """matplotlib's [below, above] error bars of points' retained intervals (0 where a seed has no interval)."""
+    r = [p["retained"] for p in pts]
+    return [[x["mean"] - x["lo"] if x["lo"] is not None else 0 for x in r],
+            [x["hi"] - x["mean"] if x["hi"] is not None else 0 for x in r]]
+
+
 def plot(res: dict, path: Path) -> None:
     from q0ds.report import pyplot, save_figure
     plt = pyplot()
@@ -706,9 +713,7 @@ def plot(res: dict, path: Path) -> None:
             continue
         x = [p["epochs"] for p in pts]
         y = [p["retained"]["mean"] for p in pts]
-        lo = [p["retained"]["mean"] - p["retained"]["lo"] if p["retained"]["lo"] is not None else 0 for p in pts]
-        hi = [p["retained"]["hi"] - p["retained"]["mean"] if p["retained"]["hi"] is not None else 0 for p in pts]
-        a.errorbar(x, y, yerr=[lo, hi], marker="o" if ln["kind"] == "student" else "s", capsize=3,
+        a.errorbar(x, y, yerr=_yerr(pts), marker="o" if ln["kind"] == "student" else "s", capsize=3,
                    ls="-" if ln["kind"] == "student" else "--", label=ln["label"])
     a.axhline(GOAL_RETENTION, color="k", lw=0.8, ls=":")
     a.set_xscale("log", base=2)
@@ -726,9 +731,7 @@ def plot(res: dict, path: Path) -> None:
         pts = [p for p in v["points"] if p["retained"]]
         if len(pts) > 1:
             m = [p["retained"]["mean"] for p in pts]
-            err = [[x - (p["retained"]["lo"] if p["retained"]["lo"] is not None else x) for x, p in zip(m, pts)],
-                   [(p["retained"]["hi"] if p["retained"]["hi"] is not None else x) - x for x, p in zip(m, pts)]]
-            line = c.errorbar([p["epochs"] for p in pts], m, yerr=err, marker="o", capsize=3, label=cell)
+            line = c.errorbar([p["epochs"] for p in pts], m, yerr=_yerr(pts), marker="o", capsize=3, label=cell)
             over = [(p["epochs"], x) for p, x in zip(pts, m) if p["compute_share"]["mean"] > GOAL_COMPUTE_SHARE]
             if over:                     # beyond the compute cap: hollow markers
                 c.plot(*zip(*over), "o", mfc="white", color=line[0].get_color())

@@ -67,8 +67,9 @@ SPLITS = {"paper": {"fitness_tokens": 132_000, "val_tokens": 10_000_000, "max_tr
 
 
 # Fitness-set size: decided on fitness alone (issue 20): the prior fitted on the first n fitness tokens and scored
-# on held-out fitness tokens was best at n = 3000 at 32 and 64 epochs in every seed (750 to 12000 tried;
-# benchmarks/de_honest.py fitness_size_on_fitness, from the retention study's populations). Was 6000 (from val).
+# on held-out fitness tokens had the lowest mean loss over 3 seeds at n = 3000 at 32 and 64 epochs (750 to 12000
+# tried; best per seed 3000/3000/12000 at 32, 3000 in all at 64; benchmarks/de_honest.py fitness_size_on_fitness,
+# from the retention study's populations). Was 6000 (from val).
 FITNESS_TOKENS_DEFAULT = 3000
 
 

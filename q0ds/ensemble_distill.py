@@ -22,7 +22,8 @@ accumulated member by member in log space (two [batch, seq, vocab] tensors, what
 ensemble.init=top1|scratch|avg (default top1: start from the top-weighted member; avg: from the
 prior-weighted average of the K members' weights, one base only), distill.alpha (0.9),
 distill.temperature (1.0), schedule.cycles x schedule.cycle_epochs (default 4 x 1 epoch, warmup 10 steps +
-cosine; one scored snapshot per cycle; 4, not 2, from benchmarks/distill_retention.py: see below), optim.*, model.* (a smaller student works if the vocab matches),
+cosine; one scored snapshot per cycle; 4, not 2, from benchmarks/distill_retention.py: see below), optim.*,
+model.* (a smaller student works if the vocab matches),
 ensemble.max_engines (8), ensemble.teacher_cache=N (0: the mixture on the fly; N >= 1: targets from a top-N
 cache, option (c) below; ensemble.teacher_cache_dtype=float16|float32 its log-prob dtype), run_dir=... (another
 output dir, e.g. for a CE-only control with distill.alpha=0).
