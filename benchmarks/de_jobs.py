@@ -102,6 +102,8 @@ def _add_timing(run, base, seconds, rc):
     rec["attempts"] += 1
     rec["last_rc"] = rc
     write_json(_timing_path(run), t)
+    if LEDGER is not None:
+        LEDGER.set_timing(run, t)
 
 
 def train_all(get_runs, parallel: int, threads: int, t_start: float, max_tier: int = 99, on_complete=None) -> list:

@@ -80,6 +80,15 @@ class Ledger:
         e = self.entry(run)
         return (e or {}).get("timing") or {}
 
+    def set_timing(self, run, timing: dict) -> None:
+        """A job of a recorded run ended: its entry takes the job timing file's totals. (A run can be recorded
+        before its process exits, e.g. when a report reads its finished files while a slot frees elsewhere, so
+        the timing cannot be taken only when the entry is made.)"""
+        e = self.entry(run)
+        if e is not None and timing and e.get("timing") != timing:
+            e["timing"] = timing
+            self.save()
+
     def save(self) -> None:
         """Merged with the file under a lock: a `--report-only` beside a training benchmark loses no entry."""
         import fcntl
@@ -94,6 +103,8 @@ class Ledger:
                         self.doc["runs"][name] = e
                     elif mine.get("fingerprint") == e.get("fingerprint"):
                         mine["eval"] = {**e.get("eval", {}), **mine["eval"]}
+                        if not mine.get("timing") and e.get("timing"):
+                            mine["timing"] = e["timing"]
                         mine["complete"] = mine.get("complete", True) or e.get("complete", True)
                 self.doc["tuned"] = self.doc.get("tuned") or disk.get("tuned")
                 seen = {(x["start"], x["end"]) for x in self.doc["sessions"]}

@@ -42,3 +42,25 @@ def test_every_ledger_entry_matches_its_run_today(built):
     assert not stale, (f"{len(stale)} ledger entries would be retrained (their settings fingerprint changed), "
                        f"e.g. {stale[:3]}: a new config key that does not change a trajectory belongs in "
                        "q0ds.config.EXECUTION_ONLY")
+
+
+def test_a_run_recorded_before_its_job_exits_takes_the_jobs_timing(built, tmp_path):
+    """The race CI met: a report can record a run from its finished files while its process has not exited (a
+    slot frees elsewhere); the timing file is written only at exit, so the entry is made without a timing. When
+    the job's timing is written the entry takes it, and a second ledger object merging the file keeps it."""
+    ledger, runs = built
+    run = runs["tuneE8-lr0.003-wd3"]
+    L = Ledger(tmp_path / "ledger.json", ledger.data_fp)
+    old, de_jobs.LEDGER = de_jobs.LEDGER, L
+    try:
+        assert de_jobs.read_timing(run) == {}
+        L.put(run, "curve", {"val": 1.0}, timing=de_jobs.read_timing(run))
+        assert L.timing(run) == {}
+        other = Ledger(tmp_path / "ledger.json", ledger.data_fp)       # a --report-only beside the benchmark
+        de_jobs._add_timing(run, 0, 12.5, 0)
+        want = {"0": {"seconds": 12.5, "attempts": 1, "last_rc": 0}}
+        assert L.timing(run) == want and Ledger(tmp_path / "ledger.json", ledger.data_fp).timing(run) == want
+        other.put(run, "curve2", {"val": 2.0})
+        assert Ledger(tmp_path / "ledger.json", ledger.data_fp).timing(run) == want
+    finally:
+        de_jobs.LEDGER = old
