@@ -152,7 +152,8 @@ def plot(r: dict, path) -> None:
         ax.set_xlabel("forward passes per token (K = M)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("val NLL (nats/token), 95% interval, 3 seeds")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))              # the legend below the panels covers no point
     fig.savefig(path, dpi=110)
     plt.close(fig)
