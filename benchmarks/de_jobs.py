@@ -89,10 +89,15 @@ def _timing_path(run):
 
 
 def read_timing(run) -> dict:
+    """Per base, the job timing file's record or the ledger's, whichever holds more seconds: both add up the
+    same base's attempts, and either can be behind (a work dir that did not survive; a file an older version
+    wrote without starting from the ledger's total)."""
     p = _timing_path(run)
-    if p.is_file():
-        return json.loads(p.read_text())
-    return LEDGER.timing(run) if LEDGER is not None else {}
+    out = dict(LEDGER.timing(run)) if LEDGER is not None else {}
+    for b, rec in (json.loads(p.read_text()) if p.is_file() else {}).items():
+        if rec["seconds"] >= out.get(b, {"seconds": -1.0})["seconds"]:
+            out[b] = rec
+    return out
 
 
 def _add_timing(run, base, seconds, rc):

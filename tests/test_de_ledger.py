@@ -62,5 +62,11 @@ def test_a_run_recorded_before_its_job_exits_takes_the_jobs_timing(built, tmp_pa
         assert L.timing(run) == want and Ledger(tmp_path / "ledger.json", ledger.data_fp).timing(run) == want
         other.put(run, "curve2", {"val": 2.0})
         assert Ledger(tmp_path / "ledger.json", ledger.data_fp).timing(run) == want
+        # a timing file behind the ledger (an older version's, or a killed attempt's) does not shrink the total
+        from benchmarks.common import write_json
+        write_json(de_jobs._timing_path(run), {"0": {"seconds": 3.0, "attempts": 1, "last_rc": -15}})
+        assert de_jobs.read_timing(run) == want
+        de_jobs._add_timing(run, 0, 1.0, 0)
+        assert L.timing(run) == {"0": {"seconds": 13.5, "attempts": 2, "last_rc": 0}}
     finally:
         de_jobs.LEDGER = old
