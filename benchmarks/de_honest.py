@@ -524,7 +524,8 @@ def honest_progress(L: Ledger) -> dict:
                "pfit": len(BUDGETS) * len(ENSEMBLE_SIZES) * len(SEEDS)}
     done = {k: sum(1 for e in L.runs.values() if e.get("kind") == k and e.get("complete", True)) for k in planned}
     out = {k: {"finished": done[k], "planned": planned[k]} for k in planned}
-    base = sum(1 for n in (f"tuneE{E}-lr{lr:g}-wd{wd:g}" for E in BUDGETS for lr in LRS for wd in WDS)
+    from benchmarks.de_honest_arms import grid_name
+    base = sum(1 for n in (grid_name(E, lr, wd) for E in BUDGETS for lr in LRS for wd in WDS)
                if n in L.runs and L.runs[n].get("complete", True))
     out["tuneE"].update(finished=base, extension_points_finished=done["tuneE"] - base)
     return out

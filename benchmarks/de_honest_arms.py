@@ -31,9 +31,13 @@ EXTEND = {"lr": 2.0, "wd": 3.0}                                # one step beyond
 MAX_EXTENSIONS = 2                                             # per budget: a bound on the grid's cost
 
 
+def grid_name(E: float, lr: float, wd: float) -> str:
+    return f"tuneE{E:g}-lr{lr:g}-wd{wd:g}"
+
+
 def grid_run(args, data, E: float, lr: float, wd: float) -> Run:
     r = {"lr": lr, "wd": wd}
-    run = Run(f"tuneE{E:g}-lr{lr:g}-wd{wd:g}", "tuneE", 0, info={"recipe": r, "budget": E})
+    run = Run(grid_name(E, lr, wd), "tuneE", 0, info={"recipe": r, "budget": E})
     run.cfg = baseline_cfg(args, data, Path(args.work) / run.name, E, r, 900, 1, per_epoch=True)
     run.base_tiers = [tier(args, E)]
     return run

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import write_json
+from benchmarks.de_ledger import merge_timing
 
 # Relative cost of one epoch (plain-epoch units) for ordering and the estimate: a distilled step ~1.6x a
 # plain one; scoring a snapshot (val + fitness) and one launch, in epochs (measured on this machine).
@@ -89,15 +90,10 @@ def _timing_path(run):
 
 
 def read_timing(run) -> dict:
-    """Per base, the job timing file's record or the ledger's, whichever holds more seconds: both add up the
-    same base's attempts, and either can be behind (a work dir that did not survive; a file an older version
-    wrote without starting from the ledger's total)."""
+    """The job timing file merged with the ledger's copy (de_ledger.merge_timing: per base, more seconds wins)."""
     p = _timing_path(run)
-    out = dict(LEDGER.timing(run)) if LEDGER is not None else {}
-    for b, rec in (json.loads(p.read_text()) if p.is_file() else {}).items():
-        if rec["seconds"] >= out.get(b, {"seconds": -1.0})["seconds"]:
-            out[b] = rec
-    return out
+    return merge_timing(LEDGER.timing(run) if LEDGER is not None else {},
+                        json.loads(p.read_text()) if p.is_file() else {})
 
 
 def _add_timing(run, base, seconds, rc):

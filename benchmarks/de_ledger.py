@@ -33,6 +33,18 @@ def _commit() -> str | None:
         return None
 
 
+def merge_timing(a: dict, b: dict) -> dict:
+    """Two copies of one run's job timings ({base: {"seconds", "attempts", "last_rc"}}): per base, the record
+    holding more seconds (b's on a tie). Both add up the same base's attempts, and either can be behind: a work
+    dir that did not survive, a job file an older version wrote without starting from the ledger's total, or a
+    ledger entry made before the job's process exited."""
+    out = dict(a)
+    for base, rec in b.items():
+        if rec["seconds"] >= out.get(base, {"seconds": -1.0})["seconds"]:
+            out[base] = rec
+    return out
+
+
 class Ledger:
     def __init__(self, path, data_fingerprint: str):
         self.path = Path(path)
@@ -103,8 +115,8 @@ class Ledger:
                         self.doc["runs"][name] = e
                     elif mine.get("fingerprint") == e.get("fingerprint"):
                         mine["eval"] = {**e.get("eval", {}), **mine["eval"]}
-                        if not mine.get("timing") and e.get("timing"):
-                            mine["timing"] = e["timing"]
+                        if mine.get("timing") or e.get("timing"):
+                            mine["timing"] = merge_timing(e.get("timing") or {}, mine.get("timing") or {})
                         mine["complete"] = mine.get("complete", True) or e.get("complete", True)
                 self.doc["tuned"] = self.doc.get("tuned") or disk.get("tuned")
                 seen = {(x["start"], x["end"]) for x in self.doc["sessions"]}
