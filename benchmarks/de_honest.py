@@ -50,6 +50,10 @@ def fitstop(M: int) -> str:
     return f"ensemble M={M} tuned at E, fitness-stopped"
 
 
+def memfit(M: int) -> str:
+    return f"ensemble M={M} of members tuned at E/M, fitness-stopped"
+
+
 def verdict(d: dict | None, n_label: str = "n = 3") -> str:
     """'hurts' / 'helps' (a variant minus reference: + = worse) only when the interval excludes 0."""
     if d is None:
@@ -168,7 +172,8 @@ class Arms:
         """The arms of benchmarks/de_honest_arms.py that have finished: the single model with the recipe tuned AT
         this budget (LR x WD grid on fitness), taken at its best FITNESS epoch, plain and temperature-calibrated
         (T fitted on fitness), and ensembles of such members each stopped at its best fitness epoch. Every choice
-        on fitness; costs are the whole runs (every epoch trained and scored, the grid itself not counted)."""
+        on fitness; costs are the whole runs (every epoch trained and scored, the grid itself not counted). Two
+        ensembles: pfit's members use the recipe tuned at E, pmem's the recipe tuned at their own length E/M."""
         out = {}
         name = f"sfit-E{E}-s{s}"
         c = self.L.eval(name, "single_curve")
@@ -180,11 +185,11 @@ class Arms:
             if t:
                 out[CALIBRATED] = {"val_loss": t["val_loss_calibrated"], "temperature": t["temperature"], **cost}
         for M in ENSEMBLE_SIZES:
-            name = f"pfit-E{E}-M{M}-s{s}"
-            e = self.L.eval(name, f"ensemble_fitstop_M{M}")
-            if e:                                   # a snapshot every epoch of every member: E snapshots in all
-                out[fitstop(M)] = {"val_loss": e["val_loss"], "epochs": e["epochs"],
-                                   "flops": self._flops(e["epochs"], round(E)), "wall_s": self.L.wall(name, range(M))}
+            for label, name in ((fitstop(M), f"pfit-E{E}-M{M}-s{s}"), (memfit(M), f"pmem-L{E / M:g}-s{s}")):
+                e = self.L.eval(name, f"ensemble_fitstop_M{M}")
+                if e:                               # a snapshot every epoch of every member: E snapshots in all
+                    out[label] = {"val_loss": e["val_loss"], "epochs": e["epochs"],
+                                  "flops": self._flops(e["epochs"], round(E)), "wall_s": self.L.wall(name, range(M))}
         return out
 
     def complete_baselines(self, E: int) -> dict:
@@ -321,14 +326,16 @@ def inference_matched(A: Arms) -> dict:
                                      "baseline_minus_q0": ci(x - y for x, y in zip(sf, fb)) if None not in fb else None,
                                      "missing": ["q0 per-snapshot fitness"] if None in fb else [],
                                      "note": "both chosen on fitness: q0's best single snapshot vs the single model's epoch"}
-            extra = ((("tuned", TUNED), ("calibrated", CALIBRATED)) if K == 1 else (("fitstop", fitstop(K)),))
+            extra = ((("tuned", TUNED), ("calibrated", CALIBRATED)) if K == 1 else
+                     (("fitstop", fitstop(K)),) + ((("memfit", memfit(K)),) if E / K in BUDGETS else ()))
             for tag, bname in extra:             # the honest arms, once finished for every seed
                 b = [A.honest_baselines(E, s).get(bname, {}).get("val_loss") for s in SEEDS]
                 missing = [n for n, v in (("q0", q), (bname, b)) if None in v]
                 rows[f"{K}-{tag}"] = {"q0_topk": ci(q), "baseline": bname, "baseline_val": ci(b) if not missing else None,
                                       "baseline_minus_q0": ci(x - y for x, y in zip(b, q)) if not missing else None,
                                       "missing": missing}
-        order = ["1", "1-oracle", "1-fitbest", "1-tuned", "1-calibrated"] + [k for K in KS[1:] for k in (str(K), f"{K}-fitstop")]
+        order = ["1", "1-oracle", "1-fitbest", "1-tuned", "1-calibrated"] + [k for K in KS[1:] for k in (str(K), f"{K}-fitstop", f"{K}-memfit")]
+        order = [k for k in order if k in rows]         # memfit only where E/K is a budget with a grid
         out[str(E)] = {k: rows[k] for k in order}
     return out
 

@@ -8,6 +8,10 @@
           and temperature-calibrated (one temperature fitted on the fitness set, de_eval.temperature_calibrated).
   pfit    per budget, M and seed: ensemble members with the budget's recipe, a snapshot every epoch, each member
           stopped at its best FITNESS epoch (de_eval.ensemble_fitness_stopped).
+  pmem    per member length L (a budget whose grid is finished) and seed: members with the recipe tuned at L
+          (their OWN length; pfit's members use the recipe of the ensemble's whole budget E = M x L, e.g. a
+          64-epoch recipe for 16-epoch members), a snapshot every epoch, stopped at their best fitness epoch;
+          the ensemble (E, M) is the first M members of pmem-L{E/M}, so a member serves every E that needs L.
 Every choice is on the fitness set; val (and test, when the data has it) are only reported.
 The budget-E arms join as soon as the budget-E grid is finished (one jobs list, rebuilt when a slot frees).
 """
@@ -19,6 +23,7 @@ from benchmarks.de_arms import Run, baseline_cfg, pool_plan
 
 LRS, WDS = (7.5e-4, 1.5e-3, 3e-3), (0.01, 0.1, 1.0, 3.0)      # around the 16-epoch optimum (1.5e-3, 0.1)
 TIER = 6                                                       # after every existing arm
+MEMBER_SEED = 3000                                             # pmem seeds: 3000 + 100 s (+ base); pfit 2000
 
 
 def tier(args, E: float) -> int:
@@ -96,6 +101,16 @@ def choose(args, grid_runs_E) -> dict | None:
     return {"lr": win["lr"], "wd": win["wd"], "bracketed": not edge, "on_edge": edge, "grid": rows}
 
 
+def member_sizes(args, L: float) -> list[int]:
+    """The ensemble sizes M whose members are L epochs long at some budget E = M x L."""
+    return [M for M in sorted(args.ensemble_sizes) if any(abs(M * L - E) < 1e-9 for E in args.budgets)]
+
+
+def member_tier(b: int) -> int:
+    """pmem bases after every budget arm: members 0-1 (the M = 2 ensembles) first, then 2-3, then 4-7."""
+    return TIER + 4 + (b >= 2) + (b >= 4)
+
+
 def build(args, data, assume: dict | None = None) -> list[Run]:
     """Every honest arm that can be built now: all grids; the budget arms of each finished grid (assume: a
     recipe for every budget instead, for --plan-only's cost estimate)."""
@@ -107,6 +122,15 @@ def build(args, data, assume: dict | None = None) -> list[Run]:
         rec = assume or choose(args, g)
         if rec is None:
             continue
+        if member_sizes(args, E):                  # members of length E for the ensembles of budgets M x E
+            for s in range(args.seeds):
+                Ms = member_sizes(args, E)
+                recipe = {"lr": rec["lr"], "wd": rec["wd"]}
+                run = Run(f"pmem-L{E:g}-s{s}", "pmem", s, info={"member_epochs": E, "Ms": Ms, "recipe": recipe})
+                run.cfg = baseline_cfg(args, data, work / run.name, E, recipe, MEMBER_SEED + 100 * s, max(Ms),
+                                       per_epoch=True)
+                run.base_tiers = [member_tier(b) for b in range(max(Ms))]
+                runs.append(run)
         recipe = {"lr": rec["lr"], "wd": rec["wd"]}
         for s in range(args.seeds):
             run = Run(f"sfit-E{E:g}-s{s}", "sfit", s, info={"budget": E, "recipe": recipe, "tuned": rec})
@@ -130,6 +154,8 @@ def eval_keys(run) -> list[str]:
         return ["single_curve"]
     if run.kind == "sfit":
         return ["single_curve", "temperature"]
+    if run.kind == "pmem":
+        return [f"ensemble_fitstop_M{M}" for M in run.info["Ms"]]
     return [f"ensemble_fitstop_M{run.info['M']}"]
 
 

@@ -33,7 +33,7 @@ def eval_keys(args, run) -> list[str]:
                 + ",".join(map(str, FITNESS_SIZES))]
     if run.kind in ("abl", "extra"):
         return [f"q0_curve|{_b(run.info['budget'])}|"]
-    if run.kind in ("tuneE", "sfit", "pfit"):
+    if run.kind in ("tuneE", "sfit", "pfit", "pmem"):
         from benchmarks.de_honest_arms import eval_keys as honest_keys
         return honest_keys(run)
     return ["distill_report"]

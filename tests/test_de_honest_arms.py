@@ -66,3 +66,23 @@ def test_extension_is_bounded_and_an_edge_optimum_is_reported(bench):
     assert len(lrs) == len(H.LRS) + H.MAX_EXTENSIONS and lrs[0] == pytest.approx(7.5e-4 / 4)
     rec = H.choose(args, runs)
     assert rec["on_edge"] == ["lr"] and not rec["bracketed"]
+
+
+def test_ensemble_members_take_the_recipe_tuned_at_their_own_length(bench):
+    """pmem: once the 16-epoch grid is finished, members of 16 epochs (the M = 2 ensemble at 32, M = 4 at 64) with
+    the 16-epoch recipe, not the ensemble budget's; the M = 2 members' bases run first."""
+    args, data = bench
+    assert not [r for r in H.build(args, data) if r.kind == "pmem"]      # no grid finished: no member recipe yet
+    finish_grid(args, data, 16.0, bowl(7.5e-4, 1.0))
+    finish_grid(args, data, 64.0, bowl(3e-3, 0.01))
+    runs = H.build(args, data)
+    pmem = [r for r in runs if r.kind == "pmem"]
+    assert sorted(r.name for r in pmem) == [f"pmem-L16-s{s}" for s in range(args.seeds)]   # 64: no 128 budget
+    r = pmem[0]
+    assert r.info["recipe"] == {"lr": 7.5e-4, "wd": 1.0} and r.info["Ms"] == [2, 4] and r.cfg.bases == 4
+    assert r.cfg.optim.lr == pytest.approx(7.5e-4) and r.cfg.seed == H.MEMBER_SEED
+    pfit64 = [x for x in runs if x.kind == "pfit" and x.info["budget"] == 64.0 and x.info["M"] == 4]
+    assert pfit64 and pfit64[0].info["recipe"] == {"lr": 3e-3, "wd": 0.01}   # pfit keeps the budget's recipe
+    assert r.base_tiers[0] == r.base_tiers[1] < r.base_tiers[2] == r.base_tiers[3]
+    assert min(r.base_tiers) > max(x.base_tiers[0] for x in runs if x.kind != "pmem")
+    assert H.eval_keys(r) == ["ensemble_fitstop_M2", "ensemble_fitstop_M4"]
