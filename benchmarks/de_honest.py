@@ -264,8 +264,9 @@ def q0_members_from_study(L: Ledger, study: Path | None) -> tuple[dict, dict]:
 AXES = {"epoch": ("epochs", "epochs_actual"), "flop": ("flops", "flops"), "wall": ("wall_s", "wall_s")}
 
 
-def three_way(A: Arms) -> dict:
-    """Per budget and axis: every baseline's paired ratio (its cost / q0's cost to reach its loss), the strongest."""
+def three_way(A: Arms, loss: str = "val_loss") -> dict:
+    """Per budget and axis: every baseline's paired ratio (its cost / q0's cost to reach its loss), the strongest.
+    loss: the key of the loss compared (another split's, in benchmarks/de_fit3k.py)."""
     out = {}
     curves = {s: A.q0_curve(s) for s in SEEDS}
     for E in BUDGETS:
@@ -277,7 +278,7 @@ def three_way(A: Arms) -> dict:
                 per, reached, lower = [], True, False
                 for s in SEEDS:
                     b = base[s][name]
-                    m = match_ratio(b[bkey], [(r[qkey], r["val_loss"]) for r in curves[s]], b["val_loss"])
+                    m = match_ratio(b[bkey], [(r[qkey], r[loss]) for r in curves[s]], b[loss])
                     reached &= m["reached"]
                     lower |= m["lower_bound"]
                     per.append(m["ratio"])
