@@ -23,7 +23,8 @@ from the cache alone):
   baselines the budget-tuned arms of benchmarks/de_honest_arms.py (sfit, pfit, pmem; tuneE for grid_choice).
             The 16-epoch-recipe arms (single, pool) are not here: their files are gone and they have no test
             scores.
-Outputs: data_efficiency_fit3k.json and data_efficiency_fit3k.md in benchmarks/results.
+Outputs: data_efficiency_fit3k.json, data_efficiency_fit3k.md and data_efficiency_fit3k_test.png (test loss vs
+forward passes per token) in benchmarks/results.
 """
 from __future__ import annotations
 
@@ -385,14 +386,45 @@ def markdown(r: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def plot(r: dict, path, split: str = "test") -> None:
+    """Loss vs forward passes per token on `split`: q0 top-K against the strongest K-forward baseline."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(H.BUDGETS), figsize=(16, 4))
+    for ax, E in zip(axes, map(str, H.BUDGETS)):
+        rows = r["by_budget"][E][split]["inference_matched"]
+        Ks = [int(k) for k in rows]
+        for key, label, style in (("q0_topk", "q0 top-K (prior on 3,000 fitness tokens)", "o-"),
+                                  ("baseline_loss", "strongest tuned baseline with K forwards (single / ensemble M=K)",
+                                   "s--")):
+            cells = [rows[str(k)][key] for k in Ks]
+            m = [c["mean"] for c in cells]
+            err = [[m[i] - c["lo"] for i, c in enumerate(cells)], [c["hi"] - m[i] for i, c in enumerate(cells)]]
+            ax.errorbar(Ks, m, yerr=err, fmt=style, capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(Ks, [str(k) for k in Ks])
+        ax.set_title(f"{E} epochs")
+        ax.set_xlabel("forward passes per token (K = M)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{split} NLL (nats/token), 95% interval, 3 seeds")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write(out: Path, n: int = N_FIT, cache: Path | None = None, work: Path = WORK, study_work: Path = STUDY_WORK,
-          verbose: bool = True) -> dict:
+          verbose: bool = True, plot_too: bool = True) -> dict:
     """Update the cache from the work dirs, compute, write the JSON and the markdown into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     res = compute(n, update_cache(n, Path(cache) if cache else out / CACHE.name, work, study_work, verbose))
     write_json(out / "data_efficiency_fit3k.json", res)
     (out / "data_efficiency_fit3k.md").write_text(markdown(res))
+    if plot_too:
+        plot(res, out / "data_efficiency_fit3k_test.png")
     return res
 
 

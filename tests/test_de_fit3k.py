@@ -16,7 +16,7 @@ def regenerated(tmp_path_factory):
     out = tmp_path_factory.mktemp("fit3k")
     shutil.copy(R / F.CACHE.name, out / F.CACHE.name)
     empty = out / "no-work-dir"
-    F.write(out, F.N_FIT, work=empty, study_work=empty, verbose=False)
+    F.write(out, F.N_FIT, work=empty, study_work=empty, verbose=False, plot_too=False)
     return out
 
 
