@@ -101,20 +101,13 @@ def torch_stack(xs):
     return torch.stack(xs)
 
 
-def temperature_calibrated(run_dir) -> dict:
-    """The single model at its best FITNESS epoch with one softmax temperature fitted on the fitness set
-    (minimises fitness NLL of softmax(z / T)); val (and test) NLL at that T. Loads the snapshot's weights."""
+def snapshot_logits(run_dir, snap):
+    """logits(split) -> (z [N, vocab], y [N]) of a snapshot over a whole split of its run's data, in the order of
+    the score files (eval_windows' labels, padding dropped)."""
     import torch
-    from scipy.optimize import minimize_scalar
     from transformers import AutoModelForCausalLM
     from q0ds.data import PreparedData
-    from q0ds.snapshot import list_snapshots, read_meta
-    run_dir = Path(run_dir)
-    cfg = json.loads((run_dir / "config.json").read_text())
-    snaps = list_snapshots(run_dir)
-    from q0ds.snapshot import load_scores
-    fit = [_nll(load_scores(s, "fitness")) for s in snaps]
-    snap = snaps[min(range(len(snaps)), key=fit.__getitem__)]
+    cfg = json.loads((Path(run_dir) / "config.json").read_text())
     data = PreparedData.open(cfg["data"])
     model = AutoModelForCausalLM.from_pretrained(snap, local_files_only=True).eval()
 
@@ -127,19 +120,41 @@ def temperature_calibrated(run_dir) -> dict:
                 zs.append(z[mask[i:i + 16]])
                 ys.append(w[i:i + 16, 1:][mask[i:i + 16]])
         return torch.cat(zs), torch.cat(ys)
+    logits.has_test = "test" in data.meta["splits"]
+    return logits
 
-    def nll(z, y, T):
-        return torch.nn.functional.cross_entropy(z / T, y).item()
 
+def nll_at(z, y, T: float) -> float:
+    """NLL of softmax(z / T) at labels y."""
+    import torch
+    return torch.nn.functional.cross_entropy(z / T, y).item()
+
+
+def fit_temperature(z, y) -> float:
+    """The softmax temperature minimising the NLL of (z, y), searched over log T in [-2, 2]."""
+    import torch
+    from scipy.optimize import minimize_scalar
+    return float(torch.exp(torch.tensor(minimize_scalar(lambda lt: nll_at(z, y, math.exp(lt)), bounds=(-2.0, 2.0),
+                                                        method="bounded").x)))
+
+
+def temperature_calibrated(run_dir) -> dict:
+    """The single model at its best FITNESS epoch with one softmax temperature fitted on the fitness set
+    (minimises fitness NLL of softmax(z / T)); val (and test) NLL at that T. Loads the snapshot's weights."""
+    from q0ds.snapshot import list_snapshots, load_scores, read_meta
+    snaps = list_snapshots(run_dir)
+    fit = [_nll(load_scores(s, "fitness")) for s in snaps]
+    snap = snaps[min(range(len(snaps)), key=fit.__getitem__)]
+    logits = snapshot_logits(run_dir, snap)
     zf, yf = logits("fitness")
-    T = float(torch.exp(torch.tensor(minimize_scalar(lambda lt: nll(zf, yf, math.exp(lt)), bounds=(-2.0, 2.0),
-                                                     method="bounded").x)))
+    T = fit_temperature(zf, yf)
     zv, yv = logits("val")
-    out = {"snapshot": read_meta(snap)["epoch"], "temperature": T, "fitness_loss": nll(zf, yf, 1.0),
-           "fitness_loss_calibrated": nll(zf, yf, T), "val_loss": nll(zv, yv, 1.0), "val_loss_calibrated": nll(zv, yv, T)}
-    if "test" in data.meta["splits"]:
+    out = {"snapshot": read_meta(snap)["epoch"], "temperature": T, "fitness_loss": nll_at(zf, yf, 1.0),
+           "fitness_loss_calibrated": nll_at(zf, yf, T), "val_loss": nll_at(zv, yv, 1.0),
+           "val_loss_calibrated": nll_at(zv, yv, T)}
+    if logits.has_test:
         zt, yt = logits("test")
-        out.update(test_loss=nll(zt, yt, 1.0), test_loss_calibrated=nll(zt, yt, T))
+        out.update(test_loss=nll_at(zt, yt, 1.0), test_loss_calibrated=nll_at(zt, yt, T))
     return out
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import statistics
 import sys
@@ -82,34 +81,13 @@ def eval_single(run_dir: Path, n: int, calibrate: bool) -> dict:
 
 
 def _temperature(run_dir: Path, snap: Path, n: int, stored_fitness_n: float) -> dict:
-    import torch
-    from scipy.optimize import minimize_scalar
-    from transformers import AutoModelForCausalLM
-    from q0ds.data import PreparedData
-    cfg = json.loads((run_dir / "config.json").read_text())
-    data = PreparedData.open(cfg["data"])
-    model = AutoModelForCausalLM.from_pretrained(snap, local_files_only=True).eval()
-
-    def logits(split):
-        w, mask = data.eval_windows(split, cfg["train"]["seq_len"])
-        zs, ys = [], []
-        with torch.no_grad():
-            for i in range(0, len(w), 16):
-                zs.append(model(input_ids=w[i:i + 16, :-1]).logits.float()[mask[i:i + 16]])
-                ys.append(w[i:i + 16, 1:][mask[i:i + 16]])
-        return torch.cat(zs), torch.cat(ys)
-
-    def nll(z, y, T):
-        return torch.nn.functional.cross_entropy(z / T, y).item()
-
+    from benchmarks.de_eval import fit_temperature, nll_at, snapshot_logits
+    logits = snapshot_logits(run_dir, snap)
     zf, yf = logits("fitness")
     zf, yf = zf[:n], yf[:n]                    # the score files' token order (checked: order_check below)
-    T = math.exp(minimize_scalar(lambda lt: nll(zf, yf, math.exp(lt)), bounds=(-2.0, 2.0), method="bounded").x)
-    out = {"temperature": T, "order_check": abs(nll(zf, yf, 1.0) - stored_fitness_n)}
-    for sp in SPLITS:
-        z, y = logits(sp)
-        out[sp] = nll(z, y, T)
-    return out
+    T = fit_temperature(zf, yf)
+    return {"temperature": T, "order_check": abs(nll_at(zf, yf, 1.0) - stored_fitness_n),
+            **{sp: nll_at(*logits(sp), T) for sp in SPLITS}}
 
 
 def eval_ensemble(run_dir: Path, n: int, Ms) -> dict:
@@ -388,31 +366,15 @@ def markdown(r: dict) -> str:
 
 def plot(r: dict, path, split: str = "test") -> None:
     """Loss vs forward passes per token on `split`: q0 top-K against the strongest K-forward baseline."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(H.BUDGETS), figsize=(16, 4))
-    for ax, E in zip(axes, map(str, H.BUDGETS)):
+    from benchmarks.de_honest_md import plot_k_panels
+    panels = {}
+    for E in map(str, H.BUDGETS):
         rows = r["by_budget"][E][split]["inference_matched"]
         Ks = [int(k) for k in rows]
-        for key, label, style in (("q0_topk", "q0 top-K (prior on 3,000 fitness tokens)", "o-"),
-                                  ("baseline_loss", "strongest tuned baseline with K forwards (single / ensemble M=K)",
-                                   "s--")):
-            cells = [rows[str(k)][key] for k in Ks]
-            m = [c["mean"] for c in cells]
-            err = [[m[i] - c["lo"] for i, c in enumerate(cells)], [c["hi"] - m[i] for i, c in enumerate(cells)]]
-            ax.errorbar(Ks, m, yerr=err, fmt=style, capsize=3, label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(Ks, [str(k) for k in Ks])
-        ax.set_title(f"{E} epochs")
-        ax.set_xlabel("forward passes per token (K = M)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"{split} NLL (nats/token), 95% interval, 3 seeds")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        panels[E] = (Ks, [rows[str(k)]["q0_topk"] for k in Ks], [rows[str(k)]["baseline_loss"] for k in Ks])
+    plot_k_panels(panels, path, f"{split} NLL (nats/token), 95% interval, 3 seeds",
+                  (f"q0 top-K (prior on {r['fitness_tokens_read']:,} fitness tokens)",
+                   "strongest tuned baseline with K forwards (single / ensemble M=K)"))
 
 
 def write(out: Path, n: int = N_FIT, cache: Path | None = None, work: Path = WORK, study_work: Path = STUDY_WORK,

@@ -132,17 +132,15 @@ def markdown(r: dict) -> str:
     return "\n".join(L) + "\n"
 
 
-def plot(r: dict, path) -> None:
+def plot_k_panels(panels: dict, path, ylabel: str, labels: tuple[str, str]) -> None:
+    """One panel per budget: q0 top-K and the strongest K-forward baseline against K. panels: {E: (Ks, q0 cells,
+    baseline cells)}, each cell a ci() dict."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharey=False)
-    for ax, E in zip(axes, BUDGETS):
-        rows, strongest = r["inference_matched"][E], r["inference_strongest"][E]
-        Ks = [int(k) for k in rows if "-" not in k]
-        for key, label, style in (("q0_topk", "q0 top-K (prior on fitness)", "o-"),
-                                  ("baseline_val", "strongest baseline with K forwards (single / ensemble M=K)", "s--")):
-            cells = [rows[strongest[str(k)] if key == "baseline_val" else str(k)][key] for k in Ks]
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4), sharey=False)
+    for ax, (E, (Ks, *sides)) in zip(axes, panels.items()):
+        for cells, label, style in zip(sides, labels, ("o-", "s--")):
             m = [c["mean"] for c in cells]
             err = [[m[i] - c["lo"] for i, c in enumerate(cells)], [c["hi"] - m[i] for i, c in enumerate(cells)]]
             ax.errorbar(Ks, m, yerr=err, fmt=style, capsize=3, label=label)
@@ -151,9 +149,19 @@ def plot(r: dict, path) -> None:
         ax.set_title(f"{E} epochs")
         ax.set_xlabel("forward passes per token (K = M)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("val NLL (nats/token), 95% interval, 3 seeds")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, frameon=False)
+    axes[0].set_ylabel(ylabel)
+    handles, labels_ = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels_, loc="lower center", ncol=2, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))              # the legend below the panels covers no point
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot(r: dict, path) -> None:
+    panels = {}
+    for E in BUDGETS:
+        rows, strongest = r["inference_matched"][E], r["inference_strongest"][E]
+        Ks = [int(k) for k in rows if "-" not in k]
+        panels[E] = (Ks, [rows[str(k)]["q0_topk"] for k in Ks], [rows[strongest[str(k)]]["baseline_val"] for k in Ks])
+    plot_k_panels(panels, path, "val NLL (nats/token), 95% interval, 3 seeds",
+                  ("q0 top-K (prior on fitness)", "strongest baseline with K forwards (single / ensemble M=K)"))
