@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/prior_fit.py
 	$(BIN)/python benchmarks/data_efficiency.py --honest-arms
 	$(BIN)/python benchmarks/distill_retention.py
+	$(BIN)/python benchmarks/de_fit3k.py
 
 # One JSON summary of the 1.8b preset on the CUDA GPUs present (<= 8 min); fails clearly without a GPU.
 # The node's own interpreter when q0ds imports there (a cluster's CUDA torch): the pinned venv only otherwise.

@@ -52,3 +52,16 @@ def test_every_decision_reads_n_tokens_and_every_budget_is_reported():
             assert res["three_way"][sp][E]["flop"]["ratio"] is not None
             p = res["by_budget"][E][sp]["population"]
             assert p["total_gain"]["mean"] == pytest.approx(p["recipe_gain"]["mean"] + p["population_gain"]["mean"])
+
+
+def test_readme_headline_is_the_committed_test_table():
+    """The README's ratio table is data_efficiency_fit3k.json's test ratios (per FLOP, per wall second, per
+    epoch), to the printed digit."""
+    import re
+    res = json.loads((R / "data_efficiency_fit3k.json").read_text())["three_way"]["test"]
+    readme = (F.ROOT / "README.md").read_text()
+    for E in map(str, H.BUDGETS):
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {E} | ") and "x [" in line)
+        cells = re.findall(r"(\d+\.\d\d)x \[(\d+\.\d\d), (\d+\.\d\d)\]", row)
+        want = [res[E][ax]["ratio"] for ax in ("flop", "wall", "epoch")]
+        assert cells == [(f"{w['mean']:.2f}", f"{w['lo']:.2f}", f"{w['hi']:.2f}") for w in want], (E, row)
