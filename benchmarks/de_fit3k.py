@@ -43,6 +43,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / "work" / "data_efficiency_v2"
 STUDY_WORK = ROOT / "benchmarks" / "work" / "distill_retention"
 CACHE = RESULTS / "data_efficiency_fit3k_evals.json"
+SEEDS_LEDGER = RESULTS / "data_efficiency_seeds_ledger.json"      # benchmarks/de_more_seeds.py
 N_FIT = 3000
 SPLITS = ("val", "test")
 FORMAT = 1
@@ -162,6 +163,10 @@ def update_cache(n: int, cache_path: Path = CACHE, work: Path = WORK, study_work
     for name, e in de.items():
         if e.get("kind") in ("tuneE", "sfit", "pfit", "pmem") and e.get("complete", True):
             todo.append((name, e, work / name))
+    extra = json.loads(SEEDS_LEDGER.read_text())["runs"] if SEEDS_LEDGER.is_file() else {}
+    for name, e in extra.items():                       # benchmarks/de_more_seeds.py: seeds 3 and 4
+        if e.get("complete", True):
+            todo.append((name, e, work / name))
     for s in H.SEEDS:
         e = study.get(f"pop-s{s}")
         if e is not None and e["fingerprint"] == de.get(f"q0-s{s}", {}).get("fingerprint"):
@@ -179,8 +184,9 @@ def update_cache(n: int, cache_path: Path = CACHE, work: Path = WORK, study_work
         elif kind == "sfit":
             v = eval_single(d, n, calibrate=True)
         elif kind in ("pfit", "pmem"):
+            bases = len(list((d / "bases").glob("base-*")))
             Ms = ([int(name.split("-M")[1].split("-")[0])] if kind == "pfit" else
-                  [M for M in H.ENSEMBLE_SIZES if float(name.split("-L")[1].split("-s")[0]) * M in H.BUDGETS])
+                  [M for M in H.ENSEMBLE_SIZES if M <= bases and float(name.split("-L")[1].split("-s")[0]) * M in H.BUDGETS])
             v = eval_ensemble(d, n, Ms)
         else:
             v = eval_q0(d, n, H.BUDGETS, H.KS)
@@ -275,6 +281,57 @@ def inference_and_population(A: Arms3k) -> dict:
     return out
 
 
+MORE_SEEDS, MORE_BUDGETS = (3, 4), (32, 64)
+
+
+def _extra_baseline(ev: dict, E: int, s: int, label: str, sp: str) -> float | None:
+    """Seed s's loss of baseline `label` from the runs of benchmarks/de_more_seeds.py (cache entries `ev`)."""
+    if label in (H.TUNED, H.CALIBRATED):
+        e = ev.get(f"sfit-E{E}-s{s}")
+        return None if e is None else (e["curve"][e["chosen"]][sp] if label == H.TUNED else e["calibrated"][sp])
+    for lab, name in ((H.fitstop(2), f"pfit-E{E}-M2-s{s}"), (H.memfit(2), f"pmem-L{E // 2}-s{s}")):
+        if label == lab and name in ev and "2" in ev[name]:
+            return ev[name]["2"][sp]
+    return None
+
+
+def more_seeds(A: Arms3k, cache: dict, by_budget: dict) -> dict | None:
+    """At 32 and 64 epochs: K = 1 and K = 2 against the baseline that was the strongest with as many forward passes
+    at n = 3, and the total / recipe / population split against the strongest by loss at n = 3, over seeds 0-4
+    (seeds 3 and 4: benchmarks/de_more_seeds.py). None until every run of those seeds is in the cache."""
+    extra = json.loads(SEEDS_LEDGER.read_text())["runs"] if SEEDS_LEDGER.is_file() else {}
+    ev = {n: cache["runs"][n]["eval"] for n, e in extra.items()
+          if n in cache["runs"] and cache["runs"][n]["fingerprint"] == e["fingerprint"]}
+    if not all(f"q0-s{s}" in ev for s in MORE_SEEDS):
+        return None
+    out = {}
+    for E in MORE_BUDGETS:
+        q = {s: A.q0_at(E, s) for s in H.SEEDS} | {s: ev[f"q0-s{s}"]["curve"][E - 1] for s in MORE_SEEDS}
+        seeds = list(H.SEEDS) + list(MORE_SEEDS)
+        for sp in SPLITS:
+            b3 = by_budget[str(E)][sp]
+
+            def base(label):
+                v = [A.honest_baselines(E, s)[label][f"{sp}_loss"] for s in H.SEEDS]
+                v += [_extra_baseline(ev, E, s, label, sp) for s in MORE_SEEDS]
+                return None if None in v else v
+
+            rows = {}
+            for K in ("1", "2"):
+                label = b3["inference_matched"][K]["baseline"]
+                b, qk = base(label), [q[s]["topk"][K][sp] for s in seeds]
+                rows[f"K={K}"] = {"baseline": label, "n3": b3["inference_matched"][K]["baseline_minus_q0"],
+                                  "n5": ci(x - y for x, y in zip(b, qk)) if b else None}
+            label = b3["population"]["strongest_by_loss"]
+            b = base(label)
+            mix, k1 = [q[s][sp] for s in seeds], [q[s]["k1_on_fitness"][sp] for s in seeds]
+            for key, xs, ys in (("total", b, mix), ("recipe", b, k1), ("population", k1, mix)):
+                rows[key] = {"baseline": label, "n3": b3["population"][f"{key}_gain"],
+                             "n5": ci(x - y for x, y in zip(xs, ys)) if xs else None}
+            out.setdefault(str(E), {})[sp] = rows
+    return out
+
+
 def grid_choice(cache: dict, L: H.Ledger) -> dict:
     """Per budget, the LR x WD point the grid picks on all fitness tokens (the recipe the baselines use) and on
     the first n; val and test of each at its chosen epoch (seed 0)."""
@@ -309,13 +366,15 @@ def compute(n: int, cache: dict) -> dict:
     if missing:
         raise SystemExit(f"[de_fit3k] {CACHE}: no numbers for {', '.join(missing)} and their files are not in "
                          f"{STUDY_WORK}: run benchmarks/distill_retention.py first (it trains them)")
+    by_budget = inference_and_population(A)
     cal = [e["eval"]["calibrated"]["order_check"] for e in cache["runs"].values() if e["kind"] == "sfit"]
     return {
         "benchmark": "data_efficiency_fit3k", "command": f"python benchmarks/de_fit3k.py --n {n}",
         "fitness_tokens_read": n, "fitness_tokens_all": data["fitness_tokens"], "train_tokens": data["train_tokens"],
         "share_of_train": n / data["train_tokens"], "paper_share_of_train": H.PAPER["fitness_tokens"] / H.PAPER["train_tokens"],
         "three_way": {sp: H.three_way(A, f"{sp}_loss") for sp in SPLITS},
-        "by_budget": inference_and_population(A),
+        "by_budget": by_budget,
+        "more_seeds": more_seeds(A, cache, by_budget),
         "grid_choice": grid_choice(cache, L),
         "all_arms_16k_val": _all_arms(),
         "score_order_check_max_nats": max(cal) if cal else None,
@@ -354,6 +413,15 @@ def markdown(r: dict) -> str:
             p = b["population"]
             L.append(f"| {E} | " + " | ".join(ks) + f" | {iv(p['total_gain'])} | {iv(p['recipe_gain'])} | "
                      f"{iv(p['population_gain'])} |")
+        L.append("")
+    if r.get("more_seeds"):
+        L += ["## n = 5 (seeds 3 and 4: benchmarks/de_more_seeds.py) for the cells that straddle 0 at n = 3", "",
+              "Baseline minus q0 (+ = q0 better); each cell's baseline is the strongest at n = 3.", "",
+              "| epochs | split | cell | baseline | n = 3 | n = 5 |", "|---|---|---|---|---|---|"]
+        for E, by in r["more_seeds"].items():
+            for sp, rows in by.items():
+                for cell, x in rows.items():
+                    L.append(f"| {E} | {sp} | {cell} | {x['baseline']} | {iv(x['n3'])} | {iv(x['n5'])} |")
         L.append("")
     L += ["## The grid's choice on all fitness tokens (used) and on the first n", "",
           "| epochs | on all: LR / WD | val | test | on n: LR / WD | val | test |", "|---|---|---|---|---|---|---|"]

@@ -65,3 +65,26 @@ def test_readme_headline_is_the_committed_test_table():
         cells = re.findall(r"(\d+\.\d\d)x \[(\d+\.\d\d), (\d+\.\d\d)\]", row)
         want = [res[E][ax]["ratio"] for ax in ("flop", "wall", "epoch")]
         assert cells == [(f"{w['mean']:.2f}", f"{w['lo']:.2f}", f"{w['hi']:.2f}") for w in want], (E, row)
+
+
+def test_more_seeds_cells_pool_the_extra_seeds_with_the_first_three(tmp_path, monkeypatch):
+    """n = 5 cells: seeds 3 and 4 (benchmarks/de_more_seeds.py) made here as copies of seeds 0 and 1, so each
+    cell's per-seed values must be the n = 3 values followed by the first two again."""
+    cache = json.loads((R / F.CACHE.name).read_text())
+    ledger = {"format": 1, "runs": {}}
+    for new, old in ((3, 0), (4, 1)):
+        for name_new, name_old in ((f"q0-s{new}", f"pop-s{old}"), (f"sfit-E32-s{new}", f"sfit-E32-s{old}"),
+                                   (f"sfit-E64-s{new}", f"sfit-E64-s{old}"), (f"pmem-L16-s{new}", f"pmem-L16-s{old}"),
+                                   (f"pfit-E64-M2-s{new}", f"pfit-E64-M2-s{old}")):
+            cache["runs"][name_new] = dict(cache["runs"][name_old], fingerprint=f"fp-{name_new}")
+            ledger["runs"][name_new] = {"fingerprint": f"fp-{name_new}", "complete": True}
+    (tmp_path / "seeds.json").write_text(json.dumps(ledger))
+    monkeypatch.setattr(F, "SEEDS_LEDGER", tmp_path / "seeds.json")
+    res = F.compute(F.N_FIT, cache)
+    assert set(res["more_seeds"]) == {"32", "64"}
+    for E, by in res["more_seeds"].items():
+        for sp, rows in by.items():
+            assert set(rows) == {"K=1", "K=2", "total", "recipe", "population"}
+            for cell, x in rows.items():
+                p3 = x["n3"]["per_seed"]
+                assert x["n5"]["per_seed"] == pytest.approx(p3 + p3[:2]), (E, sp, cell)
