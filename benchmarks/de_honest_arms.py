@@ -23,7 +23,7 @@ from benchmarks.de_arms import Run, baseline_cfg, pool_plan
 
 LRS, WDS = (7.5e-4, 1.5e-3, 3e-3), (0.01, 0.1, 1.0, 3.0)      # around the 16-epoch optimum (1.5e-3, 0.1)
 TIER = 6                                                       # after every existing arm
-MEMBER_SEED = 3000                                             # pmem seeds: 3000 + 100 s (+ base); pfit 2000
+SFIT_SEED, PFIT_SEED, MEMBER_SEED = 1000, 2000, 3000           # + 100 x the seed index (+ the base)
 
 
 def tier(args, E: float) -> int:
@@ -122,19 +122,17 @@ def build(args, data, assume: dict | None = None) -> list[Run]:
         rec = assume or choose(args, g)
         if rec is None:
             continue
-        if member_sizes(args, E):                  # members of length E for the ensembles of budgets M x E
-            for s in range(args.seeds):
-                Ms = member_sizes(args, E)
-                recipe = {"lr": rec["lr"], "wd": rec["wd"]}
-                run = Run(f"pmem-L{E:g}-s{s}", "pmem", s, info={"member_epochs": E, "Ms": Ms, "recipe": recipe})
-                run.cfg = baseline_cfg(args, data, work / run.name, E, recipe, MEMBER_SEED + 100 * s, max(Ms),
-                                       per_epoch=True)
-                run.base_tiers = [member_tier(b) for b in range(max(Ms))]
-                runs.append(run)
         recipe = {"lr": rec["lr"], "wd": rec["wd"]}
+        Ms = member_sizes(args, E)                 # members of length E for the ensembles of budgets M x E
+        for s in range(args.seeds) if Ms else ():
+            run = Run(f"pmem-L{E:g}-s{s}", "pmem", s, info={"member_epochs": E, "Ms": Ms, "recipe": recipe})
+            run.cfg = baseline_cfg(args, data, work / run.name, E, recipe, MEMBER_SEED + 100 * s, max(Ms),
+                                   per_epoch=True)
+            run.base_tiers = [member_tier(b) for b in range(max(Ms))]
+            runs.append(run)
         for s in range(args.seeds):
             run = Run(f"sfit-E{E:g}-s{s}", "sfit", s, info={"budget": E, "recipe": recipe, "tuned": rec})
-            run.cfg = baseline_cfg(args, data, work / run.name, E, recipe, 1000 + 100 * s, 1, per_epoch=True)
+            run.cfg = baseline_cfg(args, data, work / run.name, E, recipe, SFIT_SEED + 100 * s, 1, per_epoch=True)
             run.base_tiers = [tier(args, E)]
             runs.append(run)
             for M in args.ensemble_sizes:
@@ -143,7 +141,7 @@ def build(args, data, assume: dict | None = None) -> list[Run]:
                     continue
                 run = Run(f"pfit-E{E:g}-M{M}-s{s}", "pfit", s, info={"budget": E, "M": M, "member_epochs": L,
                                                                        "recipe": recipe})
-                run.cfg = baseline_cfg(args, data, work / run.name, L, recipe, 2000 + 100 * s, M, per_epoch=True)
+                run.cfg = baseline_cfg(args, data, work / run.name, L, recipe, PFIT_SEED + 100 * s, M, per_epoch=True)
                 run.base_tiers = [tier(args, E)] * M
                 runs.append(run)
     return runs

@@ -54,13 +54,13 @@ def build(args, data) -> list:
         runs.append(r)
         for E in (32.0, 64.0):
             r = Run(f"sfit-E{E:g}-s{s}", "sfit", s, info={"budget": E, "recipe": rec[E]})
-            r.cfg = baseline_cfg(args, data, work / r.name, E, rec[E], 1000 + 100 * s, 1, per_epoch=True)
+            r.cfg = baseline_cfg(args, data, work / r.name, E, rec[E], HA.SFIT_SEED + 100 * s, 1, per_epoch=True)
             runs.append(r)
         r = Run(f"pmem-L16-s{s}", "pmem", s, info={"member_epochs": 16.0, "Ms": [2], "recipe": rec[16.0]})
         r.cfg = baseline_cfg(args, data, work / r.name, 16.0, rec[16.0], HA.MEMBER_SEED + 100 * s, 2, per_epoch=True)
         runs.append(r)
         r = Run(f"pfit-E64-M2-s{s}", "pfit", s, info={"budget": 64.0, "M": 2, "member_epochs": 32.0, "recipe": rec[64.0]})
-        r.cfg = baseline_cfg(args, data, work / r.name, 32.0, rec[64.0], 2000 + 100 * s, 2, per_epoch=True)
+        r.cfg = baseline_cfg(args, data, work / r.name, 32.0, rec[64.0], HA.PFIT_SEED + 100 * s, 2, per_epoch=True)
         runs.append(r)
     for r in runs:
         r.base_tiers = [0 if r.kind == "q0" else 1] * r.cfg.bases       # the long q0 runs first
