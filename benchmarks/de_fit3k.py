@@ -23,6 +23,8 @@ from the cache alone):
   baselines the budget-tuned arms of benchmarks/de_honest_arms.py (sfit, pfit, pmem; tuneE for grid_choice).
             The 16-epoch-recipe arms (single, pool) are not here: their files are gone and they have no test
             scores.
+  seeds 3-4 benchmarks/de_more_seeds.py's runs (q0-s3/4 themselves, and the baselines of the cells it
+            serves), for the n = 5 cells (`more_seeds`).
 Outputs: data_efficiency_fit3k.json, data_efficiency_fit3k.md and data_efficiency_fit3k_test.png (test loss vs
 forward passes per token) in benchmarks/results.
 """
