@@ -80,6 +80,14 @@ def q0_cfg(args, data, run_dir, cycle_epochs, seed: int, extra=()):
     return _load(args, _base_dict(args, data, run_dir), alloc.override_args() + [f"seed={seed}"] + list(extra))
 
 
+def q0_run(args, data, s: int, budget: float) -> Run:
+    """q0-s{s}: uniform --cycle-epochs cycles up to `budget` epochs, seed 100 s (base_tiers left to the caller)."""
+    from q0ds.plan import uniform_cycles
+    run = Run(f"q0-s{s}", "q0", s, info={"cycle_epochs": args.cycle_epochs, "budget": budget})
+    run.cfg = q0_cfg(args, data, Path(args.work) / run.name, uniform_cycles(budget, args.cycle_epochs), 100 * s)
+    return run
+
+
 def recipe_grid(args) -> list[dict]:
     return [{"lr": lr, "wd": wd} for lr in args.tune_lrs for wd in args.tune_wds]
 
@@ -113,8 +121,7 @@ def build_runs(args, data, recipe: dict | None) -> list[Run]:
         runs.append(run)
     Emax = max(args.budgets)
     for s in range(args.seeds):                                             # q0: one run per seed, every budget
-        run = Run(f"q0-s{s}", "q0", s, info={"cycle_epochs": args.cycle_epochs, "budget": Emax})
-        run.cfg = q0_cfg(args, data, work / run.name, uniform_cycles(Emax, args.cycle_epochs), 100 * s)
+        run = q0_run(args, data, s, Emax)
         run.base_tiers = [0 if s == 0 else 2]
         runs.append(run)
     if recipe is not None:

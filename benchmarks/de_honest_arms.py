@@ -111,10 +111,36 @@ def member_tier(b: int) -> int:
     return TIER + 4 + (b >= 2) + (b >= 4)
 
 
+def sfit_run(args, data, E: float, s: int, rec: dict) -> Run:
+    """sfit-E{E}-s{s}: the single model with the budget's recipe `rec` (choose()'s row), a snapshot every epoch."""
+    recipe = {"lr": rec["lr"], "wd": rec["wd"]}
+    run = Run(f"sfit-E{E:g}-s{s}", "sfit", s, info={"budget": E, "recipe": recipe, "tuned": rec})
+    run.cfg = baseline_cfg(args, data, Path(args.work) / run.name, E, recipe, SFIT_SEED + 100 * s, 1, per_epoch=True)
+    run.base_tiers = [tier(args, E)]
+    return run
+
+
+def pfit_run(args, data, E: float, M: int, s: int, recipe: dict) -> Run:
+    """pfit-E{E}-M{M}-s{s}: M members of E / M epochs with the budget's recipe, a snapshot every epoch."""
+    L = E / M
+    run = Run(f"pfit-E{E:g}-M{M}-s{s}", "pfit", s, info={"budget": E, "M": M, "member_epochs": L, "recipe": recipe})
+    run.cfg = baseline_cfg(args, data, Path(args.work) / run.name, L, recipe, PFIT_SEED + 100 * s, M, per_epoch=True)
+    run.base_tiers = [tier(args, E)] * M
+    return run
+
+
+def pmem_run(args, data, L: float, s: int, recipe: dict, Ms: list[int]) -> Run:
+    """pmem-L{L}-s{s}: max(Ms) members of L epochs with the recipe tuned at L, a snapshot every epoch."""
+    run = Run(f"pmem-L{L:g}-s{s}", "pmem", s, info={"member_epochs": L, "Ms": Ms, "recipe": recipe})
+    run.cfg = baseline_cfg(args, data, Path(args.work) / run.name, L, recipe, MEMBER_SEED + 100 * s, max(Ms),
+                           per_epoch=True)
+    run.base_tiers = [member_tier(b) for b in range(max(Ms))]
+    return run
+
+
 def build(args, data, assume: dict | None = None) -> list[Run]:
     """Every honest arm that can be built now: all grids; the budget arms of each finished grid (assume: a
     recipe for every budget instead, for --plan-only's cost estimate)."""
-    work = Path(args.work)
     runs = []
     for E in args.budgets:
         g = grid_runs(args, data, E)
@@ -124,26 +150,10 @@ def build(args, data, assume: dict | None = None) -> list[Run]:
             continue
         recipe = {"lr": rec["lr"], "wd": rec["wd"]}
         Ms = member_sizes(args, E)                 # members of length E for the ensembles of budgets M x E
-        for s in range(args.seeds) if Ms else ():
-            run = Run(f"pmem-L{E:g}-s{s}", "pmem", s, info={"member_epochs": E, "Ms": Ms, "recipe": recipe})
-            run.cfg = baseline_cfg(args, data, work / run.name, E, recipe, MEMBER_SEED + 100 * s, max(Ms),
-                                   per_epoch=True)
-            run.base_tiers = [member_tier(b) for b in range(max(Ms))]
-            runs.append(run)
+        runs += [pmem_run(args, data, E, s, recipe, Ms) for s in range(args.seeds) if Ms]
         for s in range(args.seeds):
-            run = Run(f"sfit-E{E:g}-s{s}", "sfit", s, info={"budget": E, "recipe": recipe, "tuned": rec})
-            run.cfg = baseline_cfg(args, data, work / run.name, E, recipe, SFIT_SEED + 100 * s, 1, per_epoch=True)
-            run.base_tiers = [tier(args, E)]
-            runs.append(run)
-            for M in args.ensemble_sizes:
-                L = E / M
-                if L not in pool_plan(args):
-                    continue
-                run = Run(f"pfit-E{E:g}-M{M}-s{s}", "pfit", s, info={"budget": E, "M": M, "member_epochs": L,
-                                                                       "recipe": recipe})
-                run.cfg = baseline_cfg(args, data, work / run.name, L, recipe, PFIT_SEED + 100 * s, M, per_epoch=True)
-                run.base_tiers = [tier(args, E)] * M
-                runs.append(run)
+            runs.append(sfit_run(args, data, E, s, rec))
+            runs += [pfit_run(args, data, E, M, s, recipe) for M in args.ensemble_sizes if E / M in pool_plan(args)]
     return runs
 
 

@@ -29,39 +29,28 @@ LEDGER = ROOT / "benchmarks" / "results" / "data_efficiency_seeds_ledger.json"
 def build(args, data) -> list:
     """The runs above, with the recipes the main ledger's budget grids chose."""
     from benchmarks import de_honest_arms as HA, de_jobs
-    from benchmarks.de_arms import Run, baseline_cfg, q0_cfg
+    from benchmarks.de_arms import q0_run
     from benchmarks.de_ledger import Ledger
     from q0ds.data import PreparedData
-    from q0ds.plan import uniform_cycles
     main = de_jobs.LEDGER
     de_jobs.LEDGER = Ledger(ROOT / "benchmarks" / "results" / "data_efficiency_ledger.json",
                             PreparedData.open(data).fingerprint)
     try:
-        rec = {}
+        tuned = {}
         for E in (16.0, 32.0, 64.0):
             c = HA.choose(args, HA.grid_runs(args, data, E))
             if c is None:
                 raise SystemExit(f"[de_more_seeds] the {E:g}-epoch grid is not finished in the main ledger: run "
                                  "benchmarks/data_efficiency.py --honest-arms first")
-            rec[E] = {"lr": c["lr"], "wd": c["wd"]}
+            tuned[E] = c
     finally:
         de_jobs.LEDGER = main
-    work = Path(args.work)
+    rec = {E: {"lr": c["lr"], "wd": c["wd"]} for E, c in tuned.items()}
     runs = []
     for s in SEEDS:
-        r = Run(f"q0-s{s}", "q0", s, info={"cycle_epochs": 1.0, "budget": 64.0})
-        r.cfg = q0_cfg(args, data, work / r.name, uniform_cycles(64.0, 1.0), 100 * s)
-        runs.append(r)
-        for E in (32.0, 64.0):
-            r = Run(f"sfit-E{E:g}-s{s}", "sfit", s, info={"budget": E, "recipe": rec[E]})
-            r.cfg = baseline_cfg(args, data, work / r.name, E, rec[E], HA.SFIT_SEED + 100 * s, 1, per_epoch=True)
-            runs.append(r)
-        r = Run(f"pmem-L16-s{s}", "pmem", s, info={"member_epochs": 16.0, "Ms": [2], "recipe": rec[16.0]})
-        r.cfg = baseline_cfg(args, data, work / r.name, 16.0, rec[16.0], HA.MEMBER_SEED + 100 * s, 2, per_epoch=True)
-        runs.append(r)
-        r = Run(f"pfit-E64-M2-s{s}", "pfit", s, info={"budget": 64.0, "M": 2, "member_epochs": 32.0, "recipe": rec[64.0]})
-        r.cfg = baseline_cfg(args, data, work / r.name, 32.0, rec[64.0], HA.PFIT_SEED + 100 * s, 2, per_epoch=True)
-        runs.append(r)
+        runs += [q0_run(args, data, s, 64.0), HA.sfit_run(args, data, 32.0, s, tuned[32.0]),
+                 HA.sfit_run(args, data, 64.0, s, tuned[64.0]), HA.pmem_run(args, data, 16.0, s, rec[16.0], [2]),
+                 HA.pfit_run(args, data, 64.0, 2, s, rec[64.0])]
     for r in runs:
         r.base_tiers = [0 if r.kind == "q0" else 1] * r.cfg.bases       # the long q0 runs first
     return runs
