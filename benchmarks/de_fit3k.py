@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, ci, write_json  # noqa: E402
 from benchmarks import de_honest as H  # noqa: E402
+from benchmarks.de_eval import _nll  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / "work" / "data_efficiency_v2"
@@ -52,10 +53,6 @@ FORMAT = 1
 
 
 # ---- per-run numbers from the score files (per-token probabilities of every snapshot) ----
-
-def _nll(p) -> float:
-    return -p.clamp_min(1e-30).log().double().mean().item()
-
 
 def _scores(run_dir: Path):
     """(snapshot dirs, metas, {split: [M, N] probabilities}) in list_snapshots order (base, cycle)."""
@@ -98,6 +95,7 @@ def eval_ensemble(run_dir: Path, n: int, Ms) -> dict:
     fitness tokens; the probability average's losses; epochs = every epoch trained by those members."""
     from q0ds.prior import mixture_nll
     _, metas, S = _scores(run_dir)
+    fit = [_nll(S["fitness"][i, :n]) for i in range(len(metas))]
     out = {}
     for M in Ms:
         best, last = {}, {}
@@ -105,7 +103,7 @@ def eval_ensemble(run_dir: Path, n: int, Ms) -> dict:
             b = m["base"]
             if b >= M:
                 continue
-            f = _nll(S["fitness"][i, :n])
+            f = fit[i]
             if b not in best or f < best[b][1]:
                 best[b] = (i, f)
             last[b] = max(last.get(b, 0.0), m["epoch"])
@@ -124,6 +122,7 @@ def eval_q0(run_dir: Path, n: int, budgets, ks) -> dict:
     from q0ds.prior import fit_prior, mixture_nll, top_k
     _, metas, S = _scores(run_dir)
     assert [m["cycle"] for m in metas] == list(range(len(metas))), run_dir
+    fit = [_nll(S["fitness"][i, :n]) for i in range(len(metas))]
     curve = []
     for c in range(len(metas)):
         w = fit_prior(S["fitness"][:c + 1, :n], steps=PRIOR_STEPS, lr=PRIOR_LR, clip=PRIOR_CLIP).weights
@@ -133,7 +132,7 @@ def eval_q0(run_dir: Path, n: int, budgets, ks) -> dict:
             for k in (k for k in ks if k <= c + 1):
                 idx, wk = top_k(w, k)
                 row["topk"][str(k)] = {sp: mixture_nll(S[sp][idx], wk) for sp in SPLITS}
-            i = min(range(c + 1), key=lambda j: _nll(S["fitness"][j, :n]))
+            i = min(range(c + 1), key=fit.__getitem__)
             row["k1_on_fitness"] = {"cycle": i, **{sp: _nll(S[sp][i]) for sp in SPLITS}}
             row["uniform"] = {sp: mixture_nll(S[sp][:c + 1], [1.0 / (c + 1)] * (c + 1)) for sp in SPLITS}
         curve.append(row)
@@ -207,13 +206,14 @@ def update_cache(n: int, cache_path: Path = CACHE, work: Path = WORK, study_work
 class Arms3k(H.Arms):
     """de_honest.Arms with every loss replaced by the n-token choice's val / test loss; costs unchanged."""
 
-    def __init__(self, L, data, cache: dict):
+    def __init__(self, L, data, cache: dict, extra: dict | None = None):
         super().__init__(L, data, None)
         self.c = cache["runs"]
+        self.fp = {n: e["fingerprint"] for n, e in {**(extra or {}), **L.runs}.items()}   # the runs' own ledgers
 
     def _e(self, name: str):
         e = self.c.get(name)
-        return None if e is None or e["fingerprint"] != (self.L.runs.get(name) or {}).get("fingerprint") else e["eval"]
+        return None if e is None or e["fingerprint"] != self.fp.get(name) else e["eval"]
 
     def pop(self, s: int):
         e = self.c.get(f"pop-s{s}")
@@ -225,27 +225,32 @@ class Arms3k(H.Arms):
                 for i, r in enumerate(super().q0_curve(s)) if i < len(pop)]
 
     def q0_at(self, E: int, s: int) -> dict:
-        return self.pop(s)["curve"][E - 1]
+        return self.pop(s)["curve"][E - 1] if s in H.SEEDS else self._e(f"q0-s{s}")["curve"][E - 1]
 
     def baselines(self, E: int, s: int) -> dict:
         return self.honest_baselines(E, s)
 
-    def honest_baselines(self, E: int, s: int) -> dict:
-        costs = super().honest_baselines(E, s)
+    def losses(self, E: int, s: int) -> dict:
+        """label -> val / test loss of every budget-tuned baseline of budget E, seed s, whose run is in the cache
+        (seeds 3 and 4 too: benchmarks/de_more_seeds.py's ledger)."""
         out = {}
         sf = self._e(f"sfit-E{E}-s{s}")
-        if sf and H.TUNED in costs:
+        if sf:
             ch = sf["curve"][sf["chosen"]]
-            out[H.TUNED] = {**costs[H.TUNED], "val_loss": ch["val"], "test_loss": ch["test"], "epoch_chosen": ch["epoch"]}
+            out[H.TUNED] = {"val_loss": ch["val"], "test_loss": ch["test"], "epoch_chosen": ch["epoch"]}
             cal = sf["calibrated"]
-            out[H.CALIBRATED] = {**costs[H.CALIBRATED], "val_loss": cal["val"], "test_loss": cal["test"],
-                                 "temperature": cal["temperature"]}
+            out[H.CALIBRATED] = {"val_loss": cal["val"], "test_loss": cal["test"], "temperature": cal["temperature"]}
         for M in H.ENSEMBLE_SIZES:
             for label, name in ((H.fitstop(M), f"pfit-E{E}-M{M}-s{s}"), (H.memfit(M), f"pmem-L{E / M:g}-s{s}")):
                 e = self._e(name)
-                if e and str(M) in e and label in costs:
-                    out[label] = {**costs[label], "val_loss": e[str(M)]["val"], "test_loss": e[str(M)]["test"]}
+                if e and str(M) in e:
+                    out[label] = {"val_loss": e[str(M)]["val"], "test_loss": e[str(M)]["test"]}
         return out
+
+    def honest_baselines(self, E: int, s: int) -> dict:
+        """losses() with each run's costs (de_honest.Arms: the main ledger's seeds only)."""
+        costs = super().honest_baselines(E, s)
+        return {k: {**costs[k], **v} for k, v in self.losses(E, s).items() if k in costs}
 
 
 def inference_and_population(A: Arms3k) -> dict:
@@ -286,36 +291,21 @@ def inference_and_population(A: Arms3k) -> dict:
 MORE_SEEDS, MORE_BUDGETS = (3, 4), (32, 64)
 
 
-def _extra_baseline(ev: dict, E: int, s: int, label: str, sp: str) -> float | None:
-    """Seed s's loss of baseline `label` from the runs of benchmarks/de_more_seeds.py (cache entries `ev`)."""
-    if label in (H.TUNED, H.CALIBRATED):
-        e = ev.get(f"sfit-E{E}-s{s}")
-        return None if e is None else (e["curve"][e["chosen"]][sp] if label == H.TUNED else e["calibrated"][sp])
-    for lab, name in ((H.fitstop(2), f"pfit-E{E}-M2-s{s}"), (H.memfit(2), f"pmem-L{E // 2}-s{s}")):
-        if label == lab and name in ev and "2" in ev[name]:
-            return ev[name]["2"][sp]
-    return None
-
-
-def more_seeds(A: Arms3k, cache: dict, by_budget: dict) -> dict | None:
+def more_seeds(A: Arms3k, by_budget: dict) -> dict | None:
     """At 32 and 64 epochs: K = 1 and K = 2 against the baseline that was the strongest with as many forward passes
     at n = 3, and the total / recipe / population split against the strongest by loss at n = 3, over seeds 0-4
-    (seeds 3 and 4: benchmarks/de_more_seeds.py). None until every run of those seeds is in the cache."""
-    extra = json.loads(SEEDS_LEDGER.read_text())["runs"] if SEEDS_LEDGER.is_file() else {}
-    ev = {n: cache["runs"][n]["eval"] for n, e in extra.items()
-          if n in cache["runs"] and cache["runs"][n]["fingerprint"] == e["fingerprint"]}
-    if not all(f"q0-s{s}" in ev for s in MORE_SEEDS):
+    (seeds 3 and 4: benchmarks/de_more_seeds.py). None until both extra q0 runs are in the cache."""
+    if not all(A._e(f"q0-s{s}") for s in MORE_SEEDS):
         return None
+    seeds = list(H.SEEDS) + list(MORE_SEEDS)
     out = {}
     for E in MORE_BUDGETS:
-        q = {s: A.q0_at(E, s) for s in H.SEEDS} | {s: ev[f"q0-s{s}"]["curve"][E - 1] for s in MORE_SEEDS}
-        seeds = list(H.SEEDS) + list(MORE_SEEDS)
+        q = {s: A.q0_at(E, s) for s in seeds}
         for sp in SPLITS:
             b3 = by_budget[str(E)][sp]
 
             def base(label):
-                v = [A.honest_baselines(E, s)[label][f"{sp}_loss"] for s in H.SEEDS]
-                v += [_extra_baseline(ev, E, s, label, sp) for s in MORE_SEEDS]
+                v = [A.losses(E, s).get(label, {}).get(f"{sp}_loss") for s in seeds]
                 return None if None in v else v
 
             rows = {}
@@ -363,7 +353,8 @@ def _all_arms() -> dict | None:
 def compute(n: int, cache: dict) -> dict:
     L = H.Ledger(RESULTS / "data_efficiency_ledger.json")
     data = json.loads((RESULTS / "data_efficiency.json").read_text())["data"]
-    A = Arms3k(L, data, cache)
+    extra = json.loads(SEEDS_LEDGER.read_text())["runs"] if SEEDS_LEDGER.is_file() else {}
+    A = Arms3k(L, data, cache, extra)
     missing = [f"pop-s{s}" for s in H.SEEDS if A.pop(s) is None]
     if missing:
         raise SystemExit(f"[de_fit3k] {CACHE}: no numbers for {', '.join(missing)} and their files are not in "
@@ -376,7 +367,7 @@ def compute(n: int, cache: dict) -> dict:
         "share_of_train": n / data["train_tokens"], "paper_share_of_train": H.PAPER["fitness_tokens"] / H.PAPER["train_tokens"],
         "three_way": {sp: H.three_way(A, f"{sp}_loss") for sp in SPLITS},
         "by_budget": by_budget,
-        "more_seeds": more_seeds(A, cache, by_budget),
+        "more_seeds": more_seeds(A, by_budget),
         "grid_choice": grid_choice(cache, L),
         "all_arms_16k_val": _all_arms(),
         "score_order_check_max_nats": max(cal) if cal else None,

@@ -38,7 +38,8 @@ def markdown(r: dict) -> str:
           "epoch (K = 1) or the K-member ensemble. K = '1-oracle': q0's best single snapshot chosen on val, against "
           "the single model's best epoch on val (both oracles). '-tuned' / '-calibrated' / '-fitstop': the "
           "baselines tuned at each budget on fitness (benchmarks/de_honest_arms.py; '-' = not yet run for every "
-          "seed); '-memfit': the K-member ensemble whose members use the recipe tuned at their own length E/K. Difference = baseline minus q0 (+ = q0 better); * = the strongest baseline at that K.", "",
+          "seed); '-memfit': the K-member ensemble whose members use the recipe tuned at their own length E/K. "
+          "Difference = baseline minus q0 (+ = q0 better); * = the strongest baseline at that K.", "",
           "| epochs | K | q0 top-K | baseline | baseline val | baseline minus q0 |", "|---|---|---|---|---|---|"]
     for E in BUDGETS:
         best = set(r["inference_strongest"][E].values())
